@@ -1,0 +1,1 @@
+"""steelray: steel-surface defect models on Ray."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real S3 (moto's server on 127.0.0.1), the real data sets when present, and
+small synthetic data sets made once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+NEU_DIR = SHARED_DATA / "neu-det"
+SEVERSTAL_DIR = SHARED_DATA / "severstal-sample"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on a free loopback port; the AWS env points every client at it."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {endpoint}; see {log.name}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh, empty bucket per test: returns its s3:// URI."""
+    import s3fs
+
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40] + f"-{time.monotonic_ns() % 10**6}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def neu_real() -> Path:
+    if not NEU_DIR.is_dir():
+        pytest.skip(f"real NEU data not present at {NEU_DIR} (only the team's machines have ../shared/data)")
+    return NEU_DIR
+
+
+@pytest.fixture(scope="session")
+def severstal_real() -> Path:
+    if not SEVERSTAL_DIR.is_dir():
+        pytest.skip(f"real Severstal sample not present at {SEVERSTAL_DIR} "
+                    "(only the team's machines have ../shared/data)")
+    return SEVERSTAL_DIR
+
+
+@pytest.fixture(scope="session")
+def sheets(tmp_path_factory):
+    """24 synthetic Severstal sheets with every class present (seed 7), written once."""
+    from steelray import synth
+
+    out = tmp_path_factory.mktemp("sheets")
+    written = synth.make_severstal(str(out), 24, seed=7, defect_free_share=0.25,
+                                   class_freq=(0.25, 0.25, 0.3, 0.2), workers=1)
+    return written

@@ -1,0 +1,79 @@
+import glob
+
+import pytest
+import yaml
+
+from steelray import config
+from steelray.config import ConfigError
+
+EXAMPLES = sorted(glob.glob("jobs/configs/*.yaml"))
+
+
+def test_four_example_configs_load():
+    names = {p.rsplit("/", 1)[1] for p in EXAMPLES}
+    assert {"severstal_multilabel.yaml", "severstal_binary.yaml", "severstal_segmentation.yaml",
+            "neu.yaml"} <= names
+    tasks = {config.load(p).task for p in EXAMPLES}
+    assert tasks == {"binary", "multilabel", "multiclass", "segmentation"}
+
+
+def test_overrides_are_typed():
+    cfg = config.load("jobs/configs/neu.yaml", ["train.lr=3e-4", "train.epochs=3", "input.size=[64, 64]",
+                                                 "ray.use_gpu=true", "data.classes=[a, b]"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3
+    assert cfg.input.size == [64, 64]
+    assert cfg.ray.use_gpu is True
+    assert cfg.data.classes == ["a", "b"]
+
+
+@pytest.mark.parametrize("override, says", [
+    (["train.lrr=1"], r"train\.lrr: unknown key; valid keys in train: epochs, batch_size, lr"),
+    (["trian.lr=1"], r"trian: unknown key; valid keys: task, data"),
+    (["train.epochs=abc"], r"train\.epochs: expected int, got 'abc'"),
+    (["train.epochs=1.5"], r"train\.epochs: expected int"),
+    (["train.epochs=0"], r"train\.epochs: must be >= 1, got 0"),
+    (["data.val_fraction=1.5"], r"data\.val_fraction: must be <= 0\.9"),
+    (["train.scheduler=step"], r"train\.scheduler: 'step' is not a valid choice; choose one of: none, cosine"),
+    (["task=detect"], r"task: 'detect' is not a valid choice; choose one of: binary, multilabel, multiclass, segmentation"),
+    (["ray.use_gpu=maybe"], r"ray\.use_gpu: expected bool"),
+    (["input.size=224"], r"input\.size: expected a list of int"),
+    (["data.fold=3", "data.folds=3"], r"data\.fold: must be < data\.folds"),
+    (["train.lr"], r"expected key\.sub=value"),
+])
+def test_bad_values_name_the_key_and_the_choices(override, says):
+    with pytest.raises(ConfigError, match=says):
+        config.load("jobs/configs/severstal_multilabel.yaml", override)
+
+
+def test_yaml_unknown_key_and_bad_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  formt: neu\n")
+    with pytest.raises(ConfigError, match="data.formt: unknown key; valid keys in data: format, root"):
+        config.load(str(p))
+    p.write_text("data: 3\n")
+    with pytest.raises(ConfigError, match="data: expected a section"):
+        config.load(str(p))
+
+
+def test_segmentation_needs_masks():
+    with pytest.raises(ConfigError, match="segmentation needs masks"):
+        config.load(None, ["task=segmentation", "data.format=neu"])
+
+
+def test_saved_config_round_trips_and_hides_secrets(tmp_path):
+    cfg = config.load("jobs/configs/neu.yaml", ["s3.access_key_id=AKIAEXAMPLE", "s3.secret_access_key=hush"])
+    assert "hush" not in repr(cfg) and "AKIAEXAMPLE" not in repr(cfg)
+    out = config.save(cfg, str(tmp_path / "run" / "config.yaml"))
+    text = open(out).read()
+    assert "hush" not in text and "AKIAEXAMPLE" not in text
+    assert yaml.safe_load(text)["s3"]["secret_access_key"] == config.SECRET_MASK
+    again = config.load(out)
+    assert config.to_dict(again, redact=False)["train"] == config.to_dict(cfg)["train"]
+    assert again.data == cfg.data
+
+
+def test_config_saved_to_s3(bucket):
+    cfg = config.load("jobs/configs/severstal_binary.yaml")
+    uri = config.save(cfg, f"{bucket}/runs/x/config.yaml")
+    assert config.load(uri) == cfg
