@@ -1,0 +1,385 @@
+"""Distributed training on Ray Train (V2): TorchTrainer + DDP, gloo on CPU workers.
+
+``fit(cfg)`` builds the manifest once on the driver, splits it, and hands each worker the records;
+every worker reads only its own shard of images (a distributed sampler over the manifest, images
+fetched lazily by URI from disk or S3) with decoding and augmentation in DataLoader processes.
+Rank 0 validates, writes the checkpoint and the metrics file; every rank reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from steelray import checkpoint, config, data, metrics, models, presets, rle, storage
+from steelray.config import Config
+
+CLASSIFIER_METRICS = ("accuracy", "macro_f1", "roc_auc", "val_loss")
+SEGMENTER_METRICS = ("dice", "val_loss")
+
+
+@dataclass
+class TrainResult:
+    run_uri: str
+    best_checkpoint: str
+    best_metrics: dict
+    epochs: int
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def fit(cfg: Config) -> TrainResult:
+    """Train ``cfg`` on the connected Ray cluster (or a local one); returns the best checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    metric = target_metric(cfg)
+    manifest = data.build_manifest(cfg)
+    train_m, val_m = data.split(manifest, cfg.data)
+    run_name = cfg.ray.run_name or f"{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = replace(cfg, ray=replace(cfg.ray, run_name=run_name))
+    storage_uri = _storage_uri(cfg.ray.storage_path)
+    run_uri = storage.join(storage_uri, run_name)
+    config.save(cfg, storage.join(run_uri, "config.yaml"))
+    print(f"training {cfg.task} {cfg.model.name} on {len(train_m)} images, validating on {len(val_m)} "
+          f"({manifest.summary()}); run folder {run_uri}", flush=True)
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    storage_path, storage_fs = _ray_storage(storage_uri, cfg)
+    loop_config = {"config": config.to_dict(cfg, redact=False), "classes": manifest.classes,
+                   "train": _records(train_m, cfg.task), "val": _records(val_m, cfg.task), "run_uri": run_uri}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                               checkpoint_score_order="min" if metric.endswith("loss") else "max"),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+    result = trainer.fit()
+    best, best_metrics = max(result.best_checkpoints or [],
+                             key=lambda cm: -cm[1][metric] if metric.endswith("loss") else cm[1][metric],
+                             default=(None, {}))
+    if best is None:
+        raise RuntimeError(f"run {run_uri} finished without a checkpoint")
+    best_uri = f"s3://{best.path}" if storage.is_s3(storage_uri) else best.path
+    storage.write_text(storage.join(run_uri, "best_checkpoint.txt"), best_uri + "\n", cfg.s3)
+    return TrainResult(run_uri, best_uri, best_metrics, int(result.metrics.get("epoch", 0)))
+
+
+def target_metric(cfg: Config) -> str:
+    valid = SEGMENTER_METRICS if cfg.task == "segmentation" else CLASSIFIER_METRICS
+    metric = cfg.train.metric or ("dice" if cfg.task == "segmentation" else "macro_f1")
+    if metric not in valid:
+        raise config.ConfigError(f"train.metric: {metric!r} is not reported for {cfg.task}; "
+                                 f"choose one of: {', '.join(valid)}")
+    return metric
+
+
+def _storage_uri(path: str) -> str:
+    return path if storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _ray_storage(uri: str, cfg: Config):
+    """Ray wants a bare ``bucket/prefix`` plus a filesystem that knows the endpoint, for S3."""
+    if not storage.is_s3(uri):
+        return uri, None
+    from pyarrow import fs as pafs
+
+    opts = storage.s3_options(cfg.s3)
+    kwargs = {}
+    if "endpoint_url" in opts:
+        endpoint = opts["endpoint_url"]
+        kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
+        kwargs["scheme"] = endpoint.split("://", 1)[0] if "://" in endpoint else "https"
+    if "client_kwargs" in opts:
+        kwargs["region"] = opts["client_kwargs"]["region_name"]
+    if "key" in opts:
+        kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"), session_token=opts.get("token"))
+    return uri[len("s3://"):], pafs.S3FileSystem(**kwargs)
+
+
+def _records(m: data.Manifest, task: str) -> list[dict]:
+    targets = m.targets(task)
+    return [{"image_id": r.image_id, "uri": r.uri, "target": t.tolist() if hasattr(t, "tolist") else t,
+             "rles": list(r.rles) if r.rles is not None else None}
+            for r, t in zip(m.records.itertuples(), targets)]
+
+
+# --- data on the workers ------------------------------------------------------------------------
+
+class SheetDataset(Dataset):
+    """Images read lazily by URI, decoded and transformed in the DataLoader's processes."""
+
+    def __init__(self, records: list[dict], task: str, transform, in_chans: int, s3=None):
+        self.records, self.task, self.transform, self.in_chans, self.s3 = records, task, transform, in_chans, s3
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        image = data.load_image(r["uri"], self.in_chans, self.s3)
+        if self.task == "segmentation":
+            masks = np.stack([rle.decode(x, image.shape[:2]) for x in r["rles"]], axis=-1).astype(np.uint8)
+            out = self.transform(image=image, mask=masks)
+            return presets.to_chw(out["image"]), torch.from_numpy(np.ascontiguousarray(
+                out["mask"].transpose(2, 0, 1), dtype=np.float32))
+        out = self.transform(image=image)
+        dtype = torch.long if self.task == "multiclass" else torch.float32
+        return presets.to_chw(out["image"]), torch.tensor(r["target"], dtype=dtype)
+
+
+class ShardedSampler(Sampler):
+    """This rank's share of an epoch: a seeded permutation (or, for imbalance=sampler, a seeded
+    weighted draw with replacement) split across ranks, the same length on every rank."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, weights: np.ndarray | None = None):
+        self.n, self.rank, self.world, self.seed, self.weights = n, rank, world, seed, weights
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        total = self.per_rank * self.world
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+            order = torch.cat([order, order[: total - self.n]])  # pad so every rank gets as many
+        else:
+            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), total, True, generator=g)
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def imbalance_weights(task: str, targets: np.ndarray, num_outputs: int):
+    """pos_weight (BCE: negatives/positives per class, clipped to [1, 100]) or class weights
+    (cross-entropy: inverse frequency, mean 1)."""
+    if task == "multiclass":
+        counts = np.bincount(targets, minlength=num_outputs).astype(float)
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_outputs, 1.0)
+        return torch.tensor(w, dtype=torch.float32)
+    t = targets.reshape(len(targets), -1)
+    pos = t.sum(axis=0)
+    return torch.tensor(np.clip((len(t) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32)
+
+
+def sample_weights(task: str, targets: np.ndarray) -> np.ndarray:
+    """Per-image weights for imbalance=sampler: inverse frequency of the image's rarest label."""
+    if task == "multiclass":
+        counts = np.bincount(targets)
+        return 1.0 / counts[targets]
+    t = targets.reshape(len(targets), -1)
+    freq = np.concatenate([t, (t.sum(axis=1, keepdims=True) == 0)], axis=1)  # 'no defect' counts too
+    per_label = freq.sum(axis=0)
+    return np.array([1.0 / per_label[row > 0].min() for row in freq])
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def make_loss(task: str, weights: torch.Tensor | None):
+    if task == "multiclass":
+        return nn.CrossEntropyLoss(weight=weights)
+    bce = nn.BCEWithLogitsLoss(pos_weight=weights)
+    if task == "binary":
+        return lambda logits, y: bce(logits.squeeze(1), y)
+    if task == "multilabel":
+        return bce
+    import segmentation_models_pytorch as smp
+
+    dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True)
+    plain_bce = nn.BCEWithLogitsLoss()
+    return lambda logits, y: plain_bce(logits, y) + dice(logits, y)
+
+
+def lr_factor(step: int, total: int, warmup: int, cosine: bool) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function: typed config first, then an ordinary PyTorch loop."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config.from_dict(loop_config["config"])
+    classes, run_uri = loop_config["classes"], loop_config["run_uri"]
+    train_records, val_records = loop_config["train"], loop_config["val"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    torch.manual_seed(cfg.train.seed + rank)
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+
+    pre = models.preprocess_for(cfg)
+    model = models.build_model(cfg, len(classes))
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    n_out = models.num_outputs(cfg.task, len(classes))
+
+    train_targets = np.array([r["target"] for r in train_records])
+    weights = None
+    if cfg.train.imbalance == "pos_weight" or (cfg.train.imbalance != "none" and cfg.task == "multiclass"):
+        if cfg.task != "segmentation":
+            weights = imbalance_weights(cfg.task, train_targets, n_out).to(device)
+    loss_fn = make_loss(cfg.task, weights)
+    sampler = ShardedSampler(len(train_records), rank, world, cfg.train.seed,
+                             sample_weights(cfg.task, train_targets)
+                             if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
+    loader_workers = int(os.environ.get("STEELRAY_LOADER_WORKERS", "2"))
+    train_loader = DataLoader(
+        SheetDataset(train_records, cfg.task, presets.build(pre, cfg.input.augment, train=True),
+                     cfg.data.in_chans, cfg.s3),
+        batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers,
+        pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
+    val_loader = DataLoader(SheetDataset(val_records, cfg.task, presets.build(pre), cfg.data.in_chans, cfg.s3),
+                            batch_size=cfg.train.batch_size, num_workers=loader_workers)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = max(1, len(train_loader) // cfg.train.accum_steps)
+    total = steps_per_epoch * cfg.train.epochs
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch) if cfg.train.scheduler != "none" or cfg.train.warmup_epochs else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.train.scheduler == "cosine"))
+
+    start_epoch, history = 0, []
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as folder:
+            from safetensors.torch import load_file
+
+            checkpoint.unwrap(model).load_state_dict(load_file(os.path.join(folder, checkpoint.WEIGHTS)))
+            state = checkpoint.load_train_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        if rank == 0:
+            print(f"resumed from epoch {start_epoch} ({resumed.path})", flush=True)
+
+    metric = target_metric(cfg)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train_loss, seen = _train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, device, bf16)
+        elapsed = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               "train_images_per_s": seen * world / elapsed}
+        if rank == 0:
+            row.update(_validate(checkpoint.unwrap(model), val_loader, loss_fn, cfg, device, bf16))
+        row = _broadcast(row)
+        history.append(row)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k != "epoch") + f" ({elapsed:.1f}s)", flush=True)
+            _write_history(history, run_uri, cfg)
+            with tempfile.TemporaryDirectory() as folder:
+                meta = checkpoint.make_meta(cfg, classes, pre, epoch=epoch + 1, metrics=row)
+                checkpoint.write(folder, model, meta, {"optimizer": optimizer.state_dict(),
+                                                       "scheduler": scheduler.state_dict(),
+                                                       "epoch": epoch + 1, "history": history})
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+        else:
+            ray.train.report(row)
+        if not math.isfinite(row["train_loss"]):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {row['train_loss']} "
+                                     f"(lr {cfg.train.lr}); lower train.lr or enable train.grad_clip")
+    if rank == 0 and history:
+        print(f"best {metric}: {max(h[metric] for h in history) if not metric.endswith('loss') else min(h[metric] for h in history):.4g}",
+              flush=True)
+
+
+def _train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, device, bf16: bool):
+    model.train()
+    total, seen = 0.0, 0
+    accum = cfg.train.accum_steps
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(x), y)
+        (loss / accum).backward()
+        if (i + 1) % accum == 0 or i + 1 == len(loader):
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.item() * len(x)
+        seen += len(x)
+    return total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def _validate(model, loader, loss_fn, cfg: Config, device, bf16: bool) -> dict:
+    model.eval()
+    losses, outputs, targets = [], [], []
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        losses.append(loss_fn(logits.float(), y).item() * len(x))
+        n += len(x)
+        if cfg.task == "segmentation":
+            outputs.append((torch.sigmoid(logits.float()) > 0.5).cpu().numpy())
+        elif cfg.task == "multiclass":
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        else:
+            outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        targets.append(y.cpu().numpy())
+    out = {"val_loss": sum(losses) / max(n, 1)}
+    pred, truth = np.concatenate(outputs), np.concatenate(targets)
+    if cfg.task == "segmentation":
+        out["dice"] = metrics.mean_dice(pred, truth > 0.5)
+    else:
+        if cfg.task == "binary":
+            pred = pred[:, 0]
+        out.update(metrics.classification(cfg.task, pred, truth))
+    return out
+
+
+def _broadcast(row: dict) -> dict:
+    """Rank 0's metrics on every rank (so every rank reports the same row)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return row
+    box = [row]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_history(history: list[dict], run_uri: str, cfg: Config) -> None:
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    lines = [",".join(keys)] + [",".join(f"{h.get(k, '')}" for k in keys) for h in history]
+    storage.write_text(storage.join(run_uri, "metrics.csv"), "\n".join(lines) + "\n", cfg.s3)

@@ -1,0 +1,86 @@
+"""Training on a local Ray with 2 gloo CPU workers: tiny models, small inputs, a few synthetic images."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steelray import checkpoint, config, synth, train
+
+
+@pytest.fixture(scope="module")
+def neu_small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("neu-small")
+    synth.make_neu(str(root), 8, seed=2, workers=1)
+    return root
+
+
+def run(cfg_path, tmp_path, *overrides):
+    cfg = config.load(cfg_path, [f"ray.storage_path={tmp_path / 'runs'}", "ray.run_name=t", "ray.num_workers=2",
+                                 "ray.use_gpu=false", "train.warmup_epochs=0", *overrides])
+    return train.fit(cfg)
+
+
+def losses(result):
+    return pd.read_csv(f"{result.run_uri}/metrics.csv")["train_loss"].tolist()
+
+
+@pytest.mark.parametrize("cfg_path, overrides", [
+    ("jobs/configs/neu.yaml", ["model.name=simple_cnn", "input.size=[64,64]", "input.augment=none"]),
+    ("jobs/configs/severstal_multilabel.yaml", ["model.name=mobilenetv3_small_050", "input.size=[64,400]",
+                                                "input.crop=[]", "input.augment=light"]),
+    ("jobs/configs/severstal_binary.yaml", ["model.name=simple_cnn", "input.size=[64,400]", "input.augment=none",
+                                            "train.batch_size=4", "train.lr=1e-3"]),
+])
+def test_classifier_tasks_train_and_loss_goes_down(ray_local, tmp_path, neu_small, sheets, cfg_path, overrides):
+    root = neu_small if "neu" in cfg_path else sheets.root
+    result = run(cfg_path, tmp_path, f"data.root={root}", "train.epochs=4", "train.batch_size=8", "train.lr=2e-3",
+                 "train.scheduler=none", *overrides)
+    history = losses(result)
+    assert len(history) == 4 and result.epochs == 4
+    assert np.mean(history[-2:]) < history[0], history
+    assert result.best_checkpoint.startswith(str(tmp_path / "runs" / "t" / "epoch-"))
+    assert {"macro_f1", "accuracy", "roc_auc", "val_loss"} <= set(result.best_metrics)
+
+
+def test_segmentation_trains_with_crops(ray_local, tmp_path, sheets):
+    result = run("jobs/configs/severstal_segmentation.yaml", tmp_path, f"data.root={sheets.root}",
+                 "model.name=resnet18", "model.arch=fpn", "input.size=[128,800]", "input.crop=[128,256]",
+                 "train.epochs=2", "train.batch_size=4", "train.lr=1e-3", "train.scheduler=none")
+    history = losses(result)
+    assert history[-1] < history[0], history
+    assert 0.0 <= result.best_metrics["dice"] <= 1.0
+
+
+def test_checkpoint_loads_into_a_plain_module_without_ray(ray_local, tmp_path, neu_small):
+    result = run("jobs/configs/neu.yaml", tmp_path, f"data.root={neu_small}", "model.name=simple_cnn",
+                 "input.size=[48,48]", "train.epochs=1")
+    code = (
+        "import sys, torch; from steelray import checkpoint\n"
+        f"model, meta = checkpoint.load_model({result.best_checkpoint!r})\n"
+        "assert 'ray' not in sys.modules, 'loading a checkpoint imported ray'\n"
+        "assert type(model).__name__ == 'SimpleCNN' and not model.training\n"
+        "print(meta['task'], meta['classes'], meta['preprocess']['size'], meta['thresholds'][0])\n"
+        "print(model(torch.zeros(1, 1, 48, 48)).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "multiclass ['crazing', 'inclusion', 'patches', 'pitted_surface', 'rolled-in_scale', 'scratches'] [48, 48] 0.5" in out.stdout
+    assert "torch.Size([1, 6])" in out.stdout
+    # the weights are the trained ones, not a fresh init
+    model, _ = checkpoint.load_model(result.best_checkpoint)
+    fresh = train.models.build_model(config.from_dict(_["config"]), 6)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/neu.yaml", "train.lr=fast"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "train.lr: expected float, got 'fast'" in out.stderr
+    assert "Ray instance" not in out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/neu.yaml", "train.metric=dice"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "train.metric: 'dice' is not reported for multiclass" in out.stderr
