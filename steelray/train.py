@@ -270,7 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.train.scheduler == "cosine"))
 
     start_epoch, history = 0, []
-    resumed = ray.train.get_checkpoint()
+    resumed = ray.train.get_checkpoint()  # after a worker failure, or a rerun of the same run name
     if resumed:
         with resumed.as_directory() as folder:
             from safetensors.torch import load_file
@@ -282,6 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
             print(f"resumed from epoch {start_epoch} ({resumed.path})", flush=True)
+    resumed_from = start_epoch
 
     metric = target_metric(cfg)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -290,14 +291,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_loss, seen = _train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, device, bf16)
         elapsed = time.perf_counter() - started
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-               "train_images_per_s": seen * world / elapsed}
+               "train_images_per_s": seen * world / elapsed, "resumed_from_epoch": resumed_from}
         if rank == 0:
             row.update(_validate(checkpoint.unwrap(model), val_loader, loss_fn, cfg, device, bf16))
         row = _broadcast(row)
         history.append(row)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if k != "epoch") + f" ({elapsed:.1f}s)", flush=True)
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "resumed_from_epoch"))
+                + f" ({elapsed:.1f}s)", flush=True)
             _write_history(history, run_uri, cfg)
             with tempfile.TemporaryDirectory() as folder:
                 meta = checkpoint.make_meta(cfg, classes, pre, epoch=epoch + 1, metrics=row)

@@ -1,15 +1,28 @@
 """The entry scripts, run as a user runs them."""
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pandas as pd
+import pytest
 
 
-def test_demo_generates_and_reads_back(tmp_path):
+@pytest.fixture
+def ray_tmp():
+    """A short temp dir for Ray: its Unix socket paths must stay under 107 bytes."""
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_generates_reads_back_and_trains(tmp_path, ray_tmp):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--n", "12"],
-                         capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "STEELRAY_LOADER_WORKERS": "0", "RAY_TMPDIR": ray_tmp}
+    run = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--n", "12", "--epochs", "1"],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr
     assert "generated 12 synthetic sheets" in run.stdout
     manifest = pd.read_parquet(out / "manifest.parquet")
@@ -17,3 +30,65 @@ def test_demo_generates_and_reads_back(tmp_path):
     for line in ("images", "labels", "manifest", "config"):
         assert f"  {line} " in run.stdout
     assert (out / "config.yaml").exists() and (out / "data" / "train.csv").exists()
+    assert "[4/4] trained simple_cnn for 1 epoch(s)" in run.stdout
+    assert f"  checkpoint {out / 'runs' / 'demo' / 'epoch-0001'}" in run.stdout
+    assert (out / "runs" / "demo" / "epoch-0001" / "model.safetensors").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_train_on_a_local_head(tmp_path, ray_tmp):
+    """`ray start --head` + `ray job submit` as a user runs them, token authentication left on."""
+    import signal
+    import time
+    import urllib.request
+
+    from steelray import synth
+
+    synth.make_neu(str(tmp_path / "neu"), 4, seed=1, workers=1)
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+         # own ports for the agents too, so another Ray on the machine cannot block them
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--temp-dir={ray_tmp}"],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the job API answers (401 without a token counts as up)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+                time.sleep(1)
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        env.pop("RAY_ADDRESS", None)
+        runtime_env = '{"env_vars": {"STEELRAY_LOADER_WORKERS": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}}'
+        submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                  "--runtime-env-json", runtime_env, "--",
+                  "python", "jobs/train.py", "--config", "jobs/configs/neu.yaml", f"data.root={tmp_path / 'neu'}",
+                  "model.name=simple_cnn", "input.size=[32,32]", "train.epochs=1", "ray.cpus_per_worker=0.5",
+                  f"ray.storage_path={tmp_path / 'runs'}", "ray.run_name=job"]
+        for _ in range(20):  # the head's job agent comes up a little after its HTTP server
+            job = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(3)
+        logs = job.stdout + job.stderr
+        assert job.returncode == 0, logs[-4000:]
+        assert f"best checkpoint: {tmp_path / 'runs' / 'job' / 'epoch-0001'}" in logs
+        assert "succeeded" in logs
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        head.wait(60)

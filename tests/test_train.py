@@ -84,3 +84,49 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     out = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/neu.yaml", "train.metric=dice"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "train.metric: 'dice' is not reported for multiclass" in out.stderr
+
+
+def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(ray_local, tmp_path, neu_small):
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = run("jobs/configs/neu.yaml", tmp_path, f"data.root={neu_small}", "model.name=simple_cnn",
+                                    "input.size=[160,160]", "train.epochs=6", "train.batch_size=4", "ray.max_failures=1")
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    # epoch 2's folder exists only after epoch 1's report (a barrier) registered its checkpoint
+    second = tmp_path / "runs" / "t" / "epoch-0002"
+    deadline = time.monotonic() + 300
+    while not second.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert second.exists(), outcome
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    os.kill(workers[1]["pid"], signal.SIGKILL)
+    thread.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    rows = pd.read_csv(f"{result.run_uri}/metrics.csv")
+    assert rows["epoch"].tolist() == [1, 2, 3, 4, 5, 6] and result.epochs == 6
+    assert rows["resumed_from_epoch"].iloc[-1] >= 1, "the restarted workers started over instead of resuming"
+
+
+def test_rerunning_the_same_run_name_resumes(ray_local, tmp_path, neu_small):
+    common = [f"data.root={neu_small}", "model.name=simple_cnn", "input.size=[32,32]"]
+    run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=2")
+    result = run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=4")
+    rows = pd.read_csv(f"{result.run_uri}/metrics.csv")
+    assert rows["epoch"].tolist() == [1, 2, 3, 4]
+    assert rows["resumed_from_epoch"].tolist() == [0, 0, 2, 2]
+    assert result.best_checkpoint.rsplit("/", 1)[1].startswith("epoch-000")
