@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("STEELRAY_LOADER_WORKERS", "0")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -83,7 +82,8 @@ def main() -> None:
         synth.make_neu(root, 100)
     cfg = config.load("jobs/configs/neu.yaml", [
         f"data.root={root}", f"model.name={args.model}", f"input.size=[{args.size},{args.size}]",
-        f"train.epochs={args.epochs}", f"data.limit={args.limit}", "data.val_fraction=0.1", "train.warmup_epochs=0"])
+        f"train.epochs={args.epochs}", f"data.limit={args.limit}", "data.val_fraction=0.1", "train.warmup_epochs=0",
+        "train.loader_workers=0"])
     manifest = data.build_manifest(cfg)
     import ray
 

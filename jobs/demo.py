@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     # The example config, shrunk to a tiny model and small inputs so the demo runs in a minute on a laptop.
     cfg = config.load(CONFIG, [f"data.root={written.root}", f"data.seed={args.seed}", "model.name=simple_cnn",
                                "input.size=[64,400]", "input.crop=[]", "train.batch_size=8", "train.lr=2e-3",
-                               f"train.epochs={max(args.epochs, 1)}", "train.warmup_epochs=0", "ray.use_gpu=false",
+                               f"train.epochs={max(args.epochs, 1)}", "train.warmup_epochs=0", "train.loader_workers=0",
+                               "ray.use_gpu=false",
                                f"ray.storage_path={os.path.join(out, 'runs')}", "ray.run_name=demo"])
     config.save(cfg, os.path.join(out, "config.yaml"))
     manifest = data.build_manifest(cfg)

@@ -93,7 +93,7 @@ class InputConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(10, min=1)
-    batch_size: int = _f(32, min=1)
+    batch_size: int = _f(32, min=1)             # per worker; the global batch is this x ray.num_workers
     lr: float = _f(3e-4, min=0.0)
     weight_decay: float = _f(1e-4, min=0.0)
     scheduler: Literal["none", "cosine"] = "cosine"
@@ -102,6 +102,7 @@ class TrainConfig:
     accum_steps: int = _f(1, min=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     imbalance: Literal["none", "pos_weight", "sampler"] = "pos_weight"
+    loader_workers: int = _f(2, min=0)            # DataLoader processes per worker (decode + augment)
     metric: str = ""                              # empty: macro_f1 (classifiers) or dice (segmenters)
     seed: int = 0
 

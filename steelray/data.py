@@ -125,12 +125,7 @@ def read_severstal(data: DataConfig, s3: S3Config | None = None) -> Manifest:
     masks: dict[str, dict[int, str]] = defaultdict(dict)
     first_row: dict[tuple[str, int], int] = {}
     row_of_image: dict[str, int] = {}
-    for line, fields in rows[1:]:
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) != len(header):
-            problems.add(None, f"row {line}: expected {len(header)} fields, got {len(fields)}")
-            continue
+    for line, fields in _well_formed(rows, len(header), problems):
         if header == new_form:
             image_id, class_id, pixels = (f.strip() for f in fields)
         else:
@@ -225,12 +220,7 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
 
     problems = _Problems(data.on_bad_input, csv_uri)
     parsed, seen = [], {}
-    for line, fields in rows[1:]:
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) != len(header):
-            problems.add(None, f"row {line}: expected {len(header)} fields, got {len(fields)}")
-            continue
+    for line, fields in _well_formed(rows, len(header), problems):
         image = fields[col[data.image_column]].strip()
         if not image:
             problems.add(None, f"row {line}: empty {data.image_column}")
@@ -391,6 +381,18 @@ def _read_csv_rows(uri: str, s3: S3Config | None) -> list[tuple[int, list[str]]]
         return [(reader.line_num, row) for row in reader]
     except csv.Error as e:
         raise DataError(f"{uri}: row {reader.line_num}: malformed CSV ({e})") from None
+
+
+def _well_formed(rows: list[tuple[int, list[str]]], width: int, problems: _Problems):
+    """The data rows (after the header) that are not blank and have ``width`` fields; the others
+    are reported."""
+    for line, fields in rows[1:]:
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != width:
+            problems.add(None, f"row {line}: expected {width} fields, got {len(fields)}")
+            continue
+        yield line, fields
 
 
 def _finish(records: pd.DataFrame, data: DataConfig, s3: S3Config | None, problems: _Problems, *,

@@ -8,6 +8,7 @@ Rank 0 validates, writes the checkpoint and the metrics file; every rank reports
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from steelray import checkpoint, config, data, metrics, models, presets, rle, storage
 from steelray.config import Config
+
+log = logging.getLogger(__name__)  # worker-side progress: Ray Train routes it to the console and job logs
 
 CLASSIFIER_METRICS = ("accuracy", "macro_f1", "roc_auc", "val_loss")
 SEGMENTER_METRICS = ("dice", "val_loss")
@@ -252,7 +255,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sampler = ShardedSampler(len(train_records), rank, world, cfg.train.seed,
                              sample_weights(cfg.task, train_targets)
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
-    loader_workers = int(os.environ.get("STEELRAY_LOADER_WORKERS", "2"))
+    loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
         SheetDataset(train_records, cfg.task, presets.build(pre, cfg.input.augment, train=True),
                      cfg.data.in_chans, cfg.s3),
@@ -281,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
-            print(f"resumed from epoch {start_epoch} ({resumed.path})", flush=True)
+            log.info("resumed from epoch %d (%s)", start_epoch, resumed.path)
     resumed_from = start_epoch
 
     metric = target_metric(cfg)
@@ -297,9 +300,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         row = _broadcast(row)
         history.append(row)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "resumed_from_epoch"))
-                + f" ({elapsed:.1f}s)", flush=True)
+            log.info("epoch %d/%d %s (%.1fs)", epoch + 1, cfg.train.epochs, " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "resumed_from_epoch")), elapsed)
             _write_history(history, run_uri, cfg)
             with tempfile.TemporaryDirectory() as folder:
                 meta = checkpoint.make_meta(cfg, classes, pre, epoch=epoch + 1, metrics=row)
@@ -314,8 +316,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {row['train_loss']} "
                                      f"(lr {cfg.train.lr}); lower train.lr or enable train.grad_clip")
     if rank == 0 and history:
-        print(f"best {metric}: {max(h[metric] for h in history) if not metric.endswith('loss') else min(h[metric] for h in history):.4g}",
-              flush=True)
+        pick = min if metric.endswith("loss") else max
+        log.info("best %s: %.4g", metric, pick(h[metric] for h in history))
 
 
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, device, bf16: bool):

@@ -102,8 +102,7 @@ def ray_local(tmp_path_factory):
     """One local Ray (2 CPUs) for the whole session, in its own temp dir so no stale cluster is joined."""
     import ray
 
-    os.environ.setdefault("STEELRAY_LOADER_WORKERS", "0")  # decode in the worker itself: tiny data, 2 cores
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
-             runtime_env={"env_vars": {"STEELRAY_LOADER_WORKERS": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}})
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
     yield ray
     ray.shutdown()

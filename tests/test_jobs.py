@@ -20,7 +20,7 @@ def ray_tmp():
 
 def test_demo_generates_reads_back_and_trains(tmp_path, ray_tmp):
     out = tmp_path / "demo"
-    env = {**os.environ, "STEELRAY_LOADER_WORKERS": "0", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     run = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--n", "12", "--epochs", "1"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr
@@ -74,11 +74,12 @@ def test_ray_job_submit_train_on_a_local_head(tmp_path, ray_tmp):
                 time.sleep(1)
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         env.pop("RAY_ADDRESS", None)
-        runtime_env = '{"env_vars": {"STEELRAY_LOADER_WORKERS": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}}'
+        runtime_env = '{"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}'
         submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
                   "--runtime-env-json", runtime_env, "--",
                   "python", "jobs/train.py", "--config", "jobs/configs/neu.yaml", f"data.root={tmp_path / 'neu'}",
                   "model.name=simple_cnn", "input.size=[32,32]", "train.epochs=1", "ray.cpus_per_worker=0.5",
+                  "train.loader_workers=0",
                   f"ray.storage_path={tmp_path / 'runs'}", "ray.run_name=job"]
         for _ in range(20):  # the head's job agent comes up a little after its HTTP server
             job = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
@@ -89,6 +90,7 @@ def test_ray_job_submit_train_on_a_local_head(tmp_path, ray_tmp):
         assert job.returncode == 0, logs[-4000:]
         assert f"best checkpoint: {tmp_path / 'runs' / 'job' / 'epoch-0001'}" in logs
         assert "succeeded" in logs
+        assert logs.count("epoch 1/1 train_loss") == 1, "per-epoch progress missing from the job logs, or doubled"
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         head.wait(60)

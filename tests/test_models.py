@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+
+from steelray import config, models, presets, train
+from steelray.models import ModelError
+
+
+def cfg_for(*overrides):
+    return config.load(None, list(overrides))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "simple_cnn"])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_classifiers_build_and_run(name, in_chans):
+    cfg = cfg_for(f"model.name={name}", f"data.in_chans={in_chans}", "task=multilabel", "model.dropout=0.3")
+    model = models.build_model(cfg, 4).eval()
+    assert model(torch.zeros(2, in_chans, 64, 96)).shape == (2, 4)
+    assert len(models.preprocess_for(cfg).mean) == in_chans
+
+
+def test_binary_has_one_output():
+    assert models.build_model(cfg_for("model.name=simple_cnn", "task=binary"), 4)(torch.zeros(1, 1, 32, 32)).shape == (1, 1)
+
+
+@pytest.mark.parametrize("arch", ["unet", "fpn"])
+def test_segmenters_give_one_mask_channel_per_class(arch):
+    cfg = cfg_for("task=segmentation", f"model.arch={arch}", "model.name=resnet18")
+    assert models.build_model(cfg, 4).eval()(torch.zeros(1, 1, 64, 128)).shape == (1, 4, 64, 128)
+
+
+@pytest.mark.parametrize("name, n", [("resnet18", 2), ("efficientnet_b0", 3), ("simple_cnn", 1)])
+def test_freeze_stages_freezes_the_front_and_keeps_the_head(name, n):
+    model = models.build_model(cfg_for(f"model.name={name}", f"model.freeze_stages={n}", "task=multiclass"), 6)
+    flags = [p.requires_grad for p in model.parameters()]
+    assert not flags[0] and flags[-1]                      # stem frozen, classifier trainable
+    assert flags == sorted(flags)                          # frozen ones all come first
+    fewer = models.build_model(cfg_for(f"model.name={name}", f"model.freeze_stages={n - 1}", "task=multiclass"), 6)
+    assert sum(not p.requires_grad for p in fewer.parameters()) < flags.count(False)
+
+
+def test_freeze_more_stages_than_the_model_has():
+    with pytest.raises(ModelError, match="simple_cnn has 4 stages, got 5"):
+        models.build_model(cfg_for("model.name=simple_cnn", "model.freeze_stages=5"), 4)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ModelError, match="'resnet5000' is not a timm model"):
+        models.build_model(cfg_for("model.name=resnet5000"), 4)
+
+
+def test_pretrained_from_a_weights_file_local_and_s3(tmp_path, bucket):
+    """The offline-cluster path: pretrained weights from a file instead of the hub."""
+    import s3fs
+    from safetensors.torch import save_file
+
+    source = models.build_model(cfg_for("model.name=resnet18", "task=multiclass", "data.in_chans=3"), 1000)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    s3fs.S3FileSystem().put(str(path), f"{bucket}/weights/resnet18.safetensors")
+    for uri in (str(path), f"{bucket}/weights/resnet18.safetensors"):
+        model = models.build_model(cfg_for("model.name=resnet18", "task=multiclass", "data.in_chans=3",
+                                           "model.pretrained=true", f"model.weights={uri}"), 6)
+        assert torch.equal(model.conv1.weight, source.conv1.weight)   # loaded, not a fresh init
+        assert model.fc.out_features == 6                             # new head for our classes
+
+
+def test_pretrained_without_hub_or_file_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="could not download resnet18 weights.*set model.weights"):
+        models.build_model(cfg_for("model.name=resnet18", "model.pretrained=true"), 4)
+    with pytest.raises(ModelError, match="model.weights: .*missing.pt not found"):
+        models.build_model(cfg_for("model.name=resnet18", "model.pretrained=true",
+                                   f"model.weights={tmp_path / 'missing.pt'}"), 4)
+
+
+def test_augmentation_moves_masks_with_the_image():
+    pre = models.Preprocess((64, 64), (48, 48), 1, (0.5,), (0.25,))
+    pipeline = presets.build(pre, "strong", train=True)
+    image = np.full((64, 64, 1), 60, np.uint8)
+    mask = np.zeros((64, 64, 2), np.uint8)
+    image[10:30, 5:25] = 220
+    mask[10:30, 5:25, 1] = 1
+    for seed in range(20):
+        np.random.seed(seed)
+        out = pipeline(image=image, mask=mask)
+        x, m = out["image"][..., 0], out["mask"][..., 1].astype(bool)
+        assert out["image"].shape == (48, 48, 1) and out["mask"].shape == (48, 48, 2)
+        if m.any() and (~m).any():
+            assert x[m].mean() > x[~m].mean() + 1.0
+
+
+def test_eval_pipeline_only_resizes_and_normalises():
+    pre = models.Preprocess((32, 64), None, 1, (0.5,), (0.25,))
+    out = presets.build(pre)(image=np.full((64, 128, 1), 255, np.uint8))["image"]
+    assert out.shape == (32, 64, 1) and np.allclose(out, (1 - 0.5) / 0.25)
+
+
+def test_warmup_then_cosine():
+    f = [train.lr_factor(s, 100, 10, True) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+    assert train.lr_factor(50, 100, 0, False) == 1.0
+
+
+def test_sharded_sampler_splits_an_epoch_across_ranks():
+    shards = [list(train.ShardedSampler(10, r, 3, seed=1)) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)
+    assert set(sum(shards, [])) == set(range(10))
+    again = list(train.ShardedSampler(10, 0, 3, seed=1))
+    assert again == shards[0]
+    s = train.ShardedSampler(10, 0, 3, seed=1)
+    s.set_epoch(1)
+    assert list(s) != shards[0]
+
+
+def test_imbalance_weights():
+    pos = train.imbalance_weights("multilabel", np.array([[1, 0], [0, 0], [0, 0], [0, 1]]), 2)
+    assert pos.tolist() == [3.0, 3.0]
+    cls = train.imbalance_weights("multiclass", np.array([0, 0, 0, 1]), 2)
+    assert cls[1] > cls[0]
+    w = train.sample_weights("multiclass", np.array([0, 0, 0, 1]))
+    assert w[3] == pytest.approx(3 * w[0])
