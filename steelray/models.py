@@ -4,6 +4,7 @@ so scoring, export and evaluation load the same modules without Ray Train.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -186,29 +187,23 @@ def _load_state_file(path: str) -> dict:
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 
-class _local_copy:
+@contextlib.contextmanager
+def _local_copy(uri: str):
     """A local path for a weights file that may live on S3 (downloaded to a temp file)."""
+    from steelray import storage
 
-    def __init__(self, uri: str):
-        self.uri, self.tmp = uri, None
-
-    def __enter__(self) -> str:
-        from steelray import storage
-
-        if not storage.is_s3(self.uri):
-            path = os.path.expanduser(self.uri)
-            if not os.path.exists(path):
-                raise ModelError(f"model.weights: {self.uri} not found")
-            return path
-        suffix = os.path.splitext(self.uri)[1]
-        self.tmp = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)
-        try:
-            self.tmp.write(storage.read_bytes(self.uri))
-        except FileNotFoundError:
-            raise ModelError(f"model.weights: {self.uri} not found") from None
-        self.tmp.close()
-        return self.tmp.name
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp:
-            os.unlink(self.tmp.name)
+    if not storage.is_s3(uri):
+        path = os.path.expanduser(uri)
+        if not os.path.exists(path):
+            raise ModelError(f"model.weights: {uri} not found")
+        yield path
+        return
+    try:
+        blob = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ModelError(f"model.weights: {uri} not found") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, os.path.basename(uri))
+        with open(path, "wb") as f:
+            f.write(blob)
+        yield path

@@ -268,7 +268,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.accum_steps)
     total = steps_per_epoch * cfg.train.epochs
-    warmup = int(cfg.train.warmup_epochs * steps_per_epoch) if cfg.train.scheduler != "none" or cfg.train.warmup_epochs else 0
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.train.scheduler == "cosine"))
 
