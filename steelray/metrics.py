@@ -7,7 +7,7 @@ import numpy as np
 
 
 def classification(task: str, scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
-    """accuracy, macro-F1 and ROC-AUC (macro; NaN where a class has one outcome only).
+    """accuracy, macro-F1 and ROC-AUC (macro over the classes where both outcomes occur).
 
     scores: binary (N,) or multilabel (N, C) probabilities, multiclass (N, C) probabilities.
     targets: binary (N,), multilabel (N, C) 0/1, multiclass (N,) class index.
@@ -31,11 +31,18 @@ def classification(task: str, scores: np.ndarray, targets: np.ndarray, threshold
     pred = (scores >= t).astype(int)
     out = {"accuracy": accuracy_score(targets, pred),  # multilabel: exact match of the label set
            "macro_f1": f1_score(targets, pred, average="macro" if task == "multilabel" else "binary", zero_division=0)}
-    try:
-        out["roc_auc"] = roc_auc_score(targets, scores, average="macro")
-    except ValueError:
-        out["roc_auc"] = float("nan")
+    out["roc_auc"] = _macro_auc(scores.reshape(len(scores), -1), targets.reshape(len(targets), -1))
     return {k: float(v) for k, v in out.items()}
+
+
+def _macro_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean ROC-AUC over the columns where both outcomes occur (small validation sets often lack a
+    rare class); NaN only when no column has both."""
+    from sklearn.metrics import roc_auc_score
+
+    defined = [roc_auc_score(targets[:, c], scores[:, c]) for c in range(targets.shape[1])
+               if 0 < targets[:, c].sum() < len(targets)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def dice_per_pair(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

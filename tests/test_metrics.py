@@ -23,3 +23,10 @@ def test_classification_hand_cases():
     assert m["roc_auc"] == pytest.approx(1.0)
     b = metrics.classification("binary", np.array([0.9, 0.4, 0.6, 0.1]), np.array([1, 1, 0, 0]))
     assert b["accuracy"] == 0.5 and b["macro_f1"] == 0.5 and b["roc_auc"] == 0.75
+
+
+def test_macro_auc_skips_classes_without_both_outcomes():
+    scores = np.array([[0.9, 0.2], [0.1, 0.3], [0.8, 0.1]])
+    targets = np.array([[1, 0], [0, 0], [1, 0]])          # class 2 never occurs here
+    assert metrics.classification("multilabel", scores, targets)["roc_auc"] == 1.0
+    assert np.isnan(metrics.classification("multilabel", scores, np.zeros((3, 2), int))["roc_auc"])
