@@ -404,7 +404,7 @@ def _finish(records: pd.DataFrame, data: DataConfig, s3: S3Config | None, proble
         records["group"] = None
     if check_exist and not data.verify_images and not dedupe:
         present = _existing(records["uri"].tolist(), s3)
-        for image_id, uri, row in zip(records["image_id"], records["uri"], records.get("row", records["uri"])):
+        for image_id, uri, row in zip(records["image_id"], records["uri"], records["row"]):
             if uri not in present:
                 problems.add(image_id, f"row {row}: image {image_id} is listed but missing ({uri})")
     if data.verify_images or dedupe:

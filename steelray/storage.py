@@ -93,12 +93,6 @@ def write_text(uri: str, text: str, s3: S3Config | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), s3)
 
 
-def exists(uri: str, s3: S3Config | None = None) -> bool:
-    fs, path = filesystem(uri, s3)
-    fs.invalidate_cache(path)
-    return fs.exists(path)
-
-
 def isdir(uri: str, s3: S3Config | None = None) -> bool:
     fs, path = filesystem(uri, s3)
     fs.invalidate_cache(path)
