@@ -100,6 +100,7 @@ class TrainConfig:
     warmup_epochs: float = _f(1.0, min=0.0)
     grad_clip: float = _f(0.0, min=0.0)           # 0: off
     accum_steps: int = _f(1, min=1)
+    label_smoothing: float = _f(0.0, min=0.0, max=0.5)  # multiclass cross-entropy only
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     imbalance: Literal["none", "pos_weight", "sampler"] = "pos_weight"
     loader_workers: int = _f(2, min=0)            # DataLoader processes per worker (decode + augment)

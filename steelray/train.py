@@ -197,9 +197,9 @@ def sample_weights(task: str, targets: np.ndarray) -> np.ndarray:
 
 # --- the loop -----------------------------------------------------------------------------------
 
-def make_loss(task: str, weights: torch.Tensor | None):
+def make_loss(task: str, weights: torch.Tensor | None, label_smoothing: float = 0.0):
     if task == "multiclass":
-        return nn.CrossEntropyLoss(weight=weights)
+        return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
     bce = nn.BCEWithLogitsLoss(pos_weight=weights)
     if task == "binary":
         return lambda logits, y: bce(logits.squeeze(1), y)
@@ -241,8 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     pre = models.preprocess_for(cfg)
     model = models.build_model(cfg, len(classes))
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # faster on GPU, and on CPU through oneDNN
     model = ray.train.torch.prepare_model(model)
     n_out = models.num_outputs(cfg.task, len(classes))
 
@@ -251,7 +250,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.train.imbalance == "pos_weight" or (cfg.train.imbalance != "none" and cfg.task == "multiclass"):
         if cfg.task != "segmentation":
             weights = imbalance_weights(cfg.task, train_targets, n_out).to(device)
-    loss_fn = make_loss(cfg.task, weights)
+    loss_fn = make_loss(cfg.task, weights, cfg.train.label_smoothing)
     sampler = ShardedSampler(len(train_records), rank, world, cfg.train.seed,
                              sample_weights(cfg.task, train_targets)
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
@@ -327,8 +326,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, devi
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model(x), y)
         (loss / accum).backward()
@@ -349,7 +347,7 @@ def _validate(model, loader, loss_fn, cfg: Config, device, bf16: bool) -> dict:
     losses, outputs, targets = [], [], []
     n = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         losses.append(loss_fn(logits.float(), y).item() * len(x))

@@ -121,3 +121,12 @@ def test_imbalance_weights():
     assert cls[1] > cls[0]
     w = train.sample_weights("multiclass", np.array([0, 0, 0, 1]))
     assert w[3] == pytest.approx(3 * w[0])
+
+
+def test_label_smoothing_softens_the_multiclass_loss():
+    logits, y = torch.tensor([[8.0, 0.0, 0.0]]), torch.tensor([0])
+    hard = train.make_loss("multiclass", None)(logits, y)
+    soft = train.make_loss("multiclass", None, cfg_for("train.label_smoothing=0.1").train.label_smoothing)(logits, y)
+    assert soft > hard + 0.1   # a confident right answer is still penalised towards the smoothed target
+    with pytest.raises(config.ConfigError, match="label_smoothing"):
+        cfg_for("train.label_smoothing=0.9")
