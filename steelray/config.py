@@ -11,6 +11,7 @@ dataclasses, and neither library's errors list the valid keys and choices as we 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -120,6 +121,37 @@ class RayConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """The nightly scoring job (``jobs/score.py``): what to score, with which checkpoint(s), where to."""
+
+    input: str = ""                # folder / s3:// prefix of images, or a manifest file (.txt, .csv) of URIs
+    checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://)
+    segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
+    output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date
+    run_date: str = ""             # partition value; empty: today's UTC date (YYYY-MM-DD)
+    suffixes: list[str] = _f([])   # only files ending so (e.g. [.jpg]); empty: every file is an input
+    expect_size: list[int] = _f([])  # [height, width] every sheet must have; empty: 256x1600 for
+                                   # checkpoints trained on Severstal, any size otherwise
+    min_area: list[int] = _f([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
+    batch_size: int = _f(16, min=1)      # images per model call
+    actors: int = _f(0, min=0)           # model actors; 0: one per GPU, else 1
+    actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
+    actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    decode_batch: int = _f(32, min=1)    # images per read+decode task
+    read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
+    rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)
+    retries: int = _f(5, min=0)          # S3 attempts beyond the first, with exponential backoff
+    address: str = ""              # Ray cluster; empty: the running one, or a local one
+
+
+@dataclass
+class ScoreJob:
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
 class Config:
     task: Task = "multilabel"
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,7 +164,7 @@ class Config:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+def load(path: str | None = None, overrides: Sequence[str] = (), cls: type = None) -> Any:
     """Read a YAML file (or start from defaults), apply ``key.sub=value`` overrides, validate."""
     raw: dict = {}
     if path:
@@ -147,7 +179,7 @@ def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(raw)
+    return from_dict(raw, cls or Config)
 
 
 def from_dict(raw: dict, cls: type = Config) -> Any:
@@ -266,6 +298,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, int) and not isinstance(value, bool):  # class ids written as 1, 2, 3
             return str(value)
+        if isinstance(value, datetime.date):  # YAML reads 2026-11-22 as a date
+            return value.isoformat()
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -278,8 +312,24 @@ def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
 
 
+def _is_date(text: str) -> bool:
+    try:
+        return datetime.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 def _check_consistency(cfg: Any) -> None:
     """Rules that involve more than one field."""
+    if isinstance(cfg, ScoreJob):
+        sc = cfg.score
+        if sc.expect_size and (len(sc.expect_size) != 2 or min(sc.expect_size) < 1):
+            raise ConfigError(f"score.expect_size: expected [height, width], got {sc.expect_size}")
+        if any(a < 0 for a in sc.min_area):
+            raise ConfigError(f"score.min_area: must be >= 0 per class, got {sc.min_area}")
+        if sc.run_date and not _is_date(sc.run_date):
+            raise ConfigError(f"score.run_date: expected YYYY-MM-DD, got {sc.run_date!r}")
+        return
     if not isinstance(cfg, Config):
         return
     d = cfg.data

@@ -36,8 +36,11 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def s3_options(s3: S3Config | None = None) -> dict:
-    """Keyword arguments for ``s3fs.S3FileSystem`` from the config, then the environment."""
+def s3_options(s3: S3Config | None = None, retries: int | None = None) -> dict:
+    """Keyword arguments for ``s3fs.S3FileSystem`` from the config, then the environment.
+
+    ``retries``: attempts beyond the first for throttling, 5xx and connection errors, with botocore's
+    exponential backoff and jitter ("standard" mode); None keeps the defaults."""
     env = os.environ
     endpoint = (s3.endpoint_url if s3 else "") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = (s3.region if s3 else "") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
@@ -55,13 +58,16 @@ def s3_options(s3: S3Config | None = None) -> dict:
             opts["token"] = s3.session_token
         if s3.anon:
             opts["anon"] = True
+    if retries is not None:
+        opts["config_kwargs"] = {"retries": {"max_attempts": retries + 1, "mode": "standard"}}
     return opts
 
 
-def filesystem(uri: str, s3: S3Config | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str, s3: S3Config | None = None,
+               retries: int | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path to use with it."""
     if is_s3(uri):
-        return fsspec.filesystem("s3", **s3_options(s3)), uri[len("s3://"):]
+        return fsspec.filesystem("s3", **s3_options(s3, retries)), uri[len("s3://"):]
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))

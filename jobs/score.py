@@ -1,0 +1,59 @@
+"""Score sheet images with a trained checkpoint into a Parquet dataset (the nightly job).
+
+    python jobs/score.py --input s3://plant/incoming/2026-11-22/ --checkpoint s3://models/neu/best \\
+        --output s3://plant/predictions/
+    python jobs/score.py --input manifest.txt --checkpoint runs/cls/epoch-0010 \\
+        --segmenter runs/seg/epoch-0030 --output predictions/ score.batch_size=32
+    ray job submit --working-dir . -- python jobs/score.py --input ... --checkpoint ... --output ...
+
+--input is a folder/prefix (every file under it is an input) or a manifest file (.txt: one path or URI
+per line; .csv: a uri/path/image column), relative paths resolved next to the manifest. Every input
+becomes exactly one row: a prediction, or an error saying what is wrong with that file. Re-running
+skips what the output already holds for the same checkpoint. Settings: `score.*` and `s3.*` keys,
+from --config YAML and/or key=value overrides (see steelray/config.py, ScoreConfig).
+
+Exit status: 0 done, 1 the output failed verification, 2 bad arguments or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from steelray import config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="folder or s3:// prefix of images, or a manifest file (.txt/.csv)")
+    p.add_argument("--checkpoint", help="classifier or segmenter checkpoint folder (local or s3://)")
+    p.add_argument("--segmenter", help="segmenter checkpoint: cascade behind the --checkpoint classifier")
+    p.add_argument("--output", help="Parquet dataset root (local or s3://), partitioned by run_date")
+    p.add_argument("--config", help="YAML with score: and s3: sections")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. score.batch_size=32")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = [f"score.{k}={v}" for k in ("input", "checkpoint", "segmenter", "output")
+             if (v := getattr(args, k))]
+    from steelray import score
+
+    try:
+        job = config.load(args.config, flags + args.overrides, config.ScoreJob)
+        summary = score.run(job)
+    except (config.ConfigError, FileNotFoundError) as e:
+        print(f"score: {e}", file=sys.stderr)
+        return 2
+    except score.ScoreError as e:
+        print(f"score: {e}", file=sys.stderr)
+        return 1 if isinstance(e, score.VerificationError) else 2
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,629 @@
+"""The nightly scoring job: sheets from a prefix or manifest, through model actors, into Parquet.
+
+    summary = score.run(config.load(None, ["score.input=s3://plant/incoming/2026-11-22/",
+                                           "score.checkpoint=s3://models/neu/best",
+                                           "score.output=s3://plant/predictions/"], config.ScoreJob))
+
+Pipeline (Ray Data, streaming): the driver lists the inputs and drops those the output already holds
+for this checkpoint; CPU tasks read the bytes (threads, S3 retries with backoff) and decode and
+resize them as the checkpoint's preprocessing says; a pool of model actors (one checkpoint load each,
+GPU or CPU) normalises, predicts and builds the output rows; a Parquet datasink writes each group of
+rows as one file, atomically.
+
+Nothing lost, nothing twice: every input becomes one row, a prediction or an ``error``; a rerun skips
+the images already in the output for the same checkpoint digest; a file appears under its final name
+only once it is complete (local: written hidden, then renamed; S3: one PUT), so a killed job leaves
+nothing half-written for readers, and its rerun scores exactly what is missing. After the write the
+driver re-reads the output and fails if any input is missing or duplicated.
+
+Output: ``<output>/run_date=YYYY-MM-DD/part-<hash>.parquet``, columns in README.md ("Scoring output").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from steelray import checkpoint, rle, storage
+from steelray.config import S3Config, ScoreConfig, ScoreJob
+from steelray.data import SEVERSTAL_SIZE, DataError, decode_image
+from steelray.models import Preprocess
+
+log = logging.getLogger(__name__)
+
+# Class names that mean "no defect" for a multi-class classifier's any_defect flag and cascade gate.
+NO_DEFECT_NAMES = {"ok", "no_defect", "nodefect", "no-defect", "none", "normal", "clean", "good", "0"}
+CLASSES_KEY = b"steelray.classes"   # Parquet schema metadata: the class names behind the columns
+
+
+class ScoreError(RuntimeError):
+    """The job cannot start: bad input listing or checkpoint."""
+
+
+class VerificationError(ScoreError):
+    """The output, read back after the write, misses an input or holds one twice."""
+
+
+def column_name(cls: str) -> str:
+    """A class name as a column-name suffix: ``rolled-in_scale`` -> ``rolled_in_scale``."""
+    return re.sub(r"\W+", "_", str(cls)).strip("_") or "class"
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver and the actors need to know about one checkpoint."""
+
+    uri: str
+    task: str
+    classes: tuple[str, ...]        # output names: binary -> ("defect",)
+    thresholds: tuple[float, ...]
+    preprocess: Preprocess
+    name: str                       # e.g. resnet18, unet-resnet34
+    digest: str                     # sha256 of the weights, first 16 hex digits
+    data_format: str
+
+    @property
+    def segmenter(self) -> bool:
+        return self.task == "segmentation"
+
+
+def describe(uri: str, s3: S3Config | None = None) -> ModelInfo:
+    try:
+        meta = checkpoint.read_meta(uri, s3)
+        weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
+    except FileNotFoundError as e:
+        raise ScoreError(f"checkpoint {uri}: {e}") from None
+    task = meta["task"]
+    classes = ("defect",) if task == "binary" else tuple(meta["classes"])
+    model = meta.get("model", {})
+    name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
+    return ModelInfo(uri=uri, task=task, classes=classes, thresholds=tuple(meta["thresholds"]),
+                     preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
+                     digest=hashlib.sha256(weights).hexdigest()[:16],
+                     data_format=meta.get("config", {}).get("data", {}).get("format", ""))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checkpoint(s) of one run and what follows from them: input shapes, columns, identity."""
+
+    primary: ModelInfo                   # the classifier (cascade gate) or the only model
+    segmenter: ModelInfo | None          # cascade's second stage
+    expect_size: tuple[int, int] | None
+    min_area: tuple[int, ...]
+
+    @property
+    def final(self) -> ModelInfo:
+        return self.segmenter or self.primary
+
+    @property
+    def cascade(self) -> bool:
+        return self.segmenter is not None
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.primary.name} > {self.segmenter.name}" if self.cascade else self.primary.name
+
+    @property
+    def digest(self) -> str:
+        return f"{self.primary.digest}>{self.segmenter.digest}" if self.cascade else self.primary.digest
+
+    @property
+    def inputs(self) -> list[Preprocess]:
+        """The distinct model inputs to decode each image into (one, or two for a cascade)."""
+        models = [self.primary] + ([self.segmenter] if self.segmenter else [])
+        out: list[Preprocess] = []
+        for m in models:
+            if not any(_same_input(m.preprocess, p) for p in out):
+                out.append(m.preprocess)
+        return out
+
+    def input_index(self, m: ModelInfo) -> int:
+        return next(i for i, p in enumerate(self.inputs) if _same_input(m.preprocess, p))
+
+    def schema(self) -> pa.Schema:
+        fields = [("image_id", pa.string()), ("source_uri", pa.string()), ("model", pa.string()),
+                  ("checkpoint", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+                  ("height", pa.int32()), ("width", pa.int32())]
+        if self.cascade:
+            fields += [(f"gate_prob_{column_name(c)}", pa.float32()) for c in self.primary.classes]
+            fields.append(("flagged", pa.bool_()))
+        fields += [(f"prob_{column_name(c)}", pa.float32()) for c in self.final.classes]
+        if self.final.segmenter:
+            fields += [(f"rle_{column_name(c)}", pa.string()) for c in self.final.classes]
+            fields += [(f"area_{column_name(c)}", pa.int64()) for c in self.final.classes]
+        fields += [("labels", pa.list_(pa.string())), ("any_defect", pa.bool_()), ("error", pa.string())]
+        return pa.schema(fields, metadata={CLASSES_KEY: json.dumps(list(self.final.classes))})
+
+
+def _same_input(a: Preprocess, b: Preprocess) -> bool:
+    return tuple(a.size) == tuple(b.size) and a.in_chans == b.in_chans
+
+
+def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
+    if not sc.checkpoint:
+        raise ScoreError("score.checkpoint: required (a checkpoint folder written by jobs/train.py)")
+    primary = describe(sc.checkpoint, s3)
+    segmenter = describe(sc.segmenter, s3) if sc.segmenter else None
+    if segmenter is not None:
+        if primary.segmenter:
+            raise ScoreError(f"score.checkpoint {sc.checkpoint}: a cascade gate must be a classifier, "
+                             "this is a segmenter (give the segmenter as score.segmenter)")
+        if not segmenter.segmenter:
+            raise ScoreError(f"score.segmenter {sc.segmenter}: not a segmenter checkpoint "
+                             f"(task {segmenter.task})")
+    final = segmenter or primary
+    if sc.min_area and len(sc.min_area) != len(final.classes):
+        raise ScoreError(f"score.min_area: one value per class ({', '.join(final.classes)}), "
+                         f"got {sc.min_area}")
+    if sc.expect_size:
+        expect = tuple(sc.expect_size)
+    elif "severstal" in (primary.data_format, final.data_format):
+        expect = SEVERSTAL_SIZE
+    else:
+        expect = None
+    return Plan(primary, segmenter, expect, tuple(sc.min_area) or (0,) * len(final.classes))
+
+
+# --- inputs and what is already done -------------------------------------------------------------
+
+def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
+    """(image_id, uri) of every input, in order, duplicates dropped with a warning."""
+    src = sc.input
+    if not src:
+        raise ScoreError("score.input: required (a folder/prefix of images or a manifest file)")
+    if storage.isdir(src, s3):
+        uris = storage.list_files(src, s3, tuple(sc.suffixes))
+        root = (src.rstrip("/") + "/" if storage.is_s3(src)   # list_files gives absolute local paths
+                else os.path.abspath(os.path.expanduser(src)) + os.sep)
+        pairs = [(u[len(root):] if u.startswith(root) else u.rsplit("/", 1)[-1], u) for u in uris]
+    else:
+        pairs = [(u.rsplit("/", 1)[-1], u) for u in _read_manifest(src, s3)]
+    seen: set[str] = set()
+    out = []
+    for image_id, uri in pairs:
+        if uri in seen:
+            continue
+        seen.add(uri)
+        out.append((image_id, uri))
+    if len(out) < len(pairs):
+        log.warning("%s: %d duplicate input(s) listed more than once, scored once", src, len(pairs) - len(out))
+    return out
+
+
+def _read_manifest(uri: str, s3: S3Config | None) -> list[str]:
+    """URIs from a .txt (one per line, # comments) or .csv (column uri, path or image; else the first)."""
+    try:
+        text = storage.read_text(uri, s3)
+    except FileNotFoundError:
+        raise ScoreError(f"score.input {uri}: no such folder, prefix or manifest file") from None
+    base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
+    if uri.lower().endswith(".csv"):
+        import csv
+
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            raise ScoreError(f"{uri}: empty manifest")
+        header = [h.strip().lower() for h in rows[0]]
+        col = next((header.index(c) for c in ("uri", "path", "image", "imageid") if c in header), 0)
+        entries = [(i + 2, r[col].strip() if len(r) > col else "") for i, r in enumerate(rows[1:])]
+    else:
+        entries = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
+        entries = [(n, e) for n, e in entries if e and not e.startswith("#")]
+    blank = [n for n, e in entries if not e]
+    if blank:
+        raise ScoreError(f"{uri}: line(s) {', '.join(map(str, blank[:10]))} have no image path")
+    return [storage.join(base, e) for _, e in entries]
+
+
+def done_uris(output: str, digest: str, s3: S3Config | None) -> pa.Table:
+    """``source_uri``, ``error`` and ``flagged`` (when present) of every row already in ``output``
+    for this checkpoint digest. Hidden files (``.``/``_``: unfinished writes) are ignored."""
+    dataset = _open_dataset(output, s3)
+    empty = pa.table({"source_uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+    if dataset is None or "checkpoint" not in dataset.schema.names:
+        return empty
+    columns = [c for c in ("source_uri", "error", "flagged") if c in dataset.schema.names]
+    return dataset.to_table(columns=columns, filter=pc.field("checkpoint") == digest)
+
+
+def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
+    fs, path = storage.filesystem(output, s3)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return None
+    try:
+        return pds.dataset(path, filesystem=fs, format="parquet",
+                           partitioning=pds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"))
+    except (FileNotFoundError, pa.ArrowInvalid) as e:
+        if "no files" in str(e).lower():
+            return None
+        raise
+
+
+# --- stage 1: read and decode (CPU tasks) --------------------------------------------------------
+
+def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Config | None,
+                    retries: int, threads: int) -> dict:
+    """Bytes -> uint8 (N, H, W, C) per model input, resized as the checkpoint's preprocessing says.
+    Every failure becomes the row's ``error``; the image slot is then zeros."""
+    import cv2
+
+    uris = [str(u) for u in batch["source_uri"]]
+    pres = [Preprocess.from_dict(p) for p in inputs]
+    n = len(uris)
+    images = [np.zeros((n, *p.size, p.in_chans), np.uint8) for p in pres]
+    height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    errors = [""] * n
+
+    def read(uri: str) -> bytes | str:
+        try:
+            fs, path = storage.filesystem(uri, s3, retries)
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return f"{uri}: not found (removed after it was listed, or never there)"
+        except Exception as e:  # after the client's retries with backoff
+            return f"{uri}: read failed after {retries} retries: {type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(min(threads, n) or 1) as pool:
+        blobs = list(pool.map(read, uris))
+    for i, (uri, blob) in enumerate(zip(uris, blobs)):
+        if isinstance(blob, str):
+            errors[i] = blob
+            continue
+        decoded: dict[int, np.ndarray] = {}
+        try:
+            for k, p in enumerate(pres):
+                if p.in_chans not in decoded:
+                    decoded[p.in_chans] = decode_image(blob, p.in_chans, uri)
+                img = decoded[p.in_chans]
+                h, w = img.shape[:2]
+                if expect_size and (h, w) != tuple(expect_size):
+                    raise DataError(f"{uri}: unexpected size {w}x{h} (width x height), expected "
+                                    f"{expect_size[1]}x{expect_size[0]}")
+                if (h, w) != tuple(p.size):
+                    img = cv2.resize(img, (p.size[1], p.size[0]), interpolation=cv2.INTER_LINEAR)
+                images[k][i] = img.reshape(*p.size, p.in_chans)
+            height[i], width[i] = h, w
+        except DataError as e:
+            errors[i] = str(e)
+    out = {"image_id": np.asarray(batch["image_id"], dtype=object), "source_uri": np.asarray(uris, dtype=object),
+           "height": height, "width": width, "error": np.asarray(errors, dtype=object)}
+    for k, arr in enumerate(images):
+        out[f"image_{k}"] = arr
+    return out
+
+
+# --- stage 2: the model actors -------------------------------------------------------------------
+
+class Scorer:
+    """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
+
+    def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.plan, self.device = plan, torch.device(device)
+        self.bf16 = self.device.type == "cuda"
+        self.schema = plan.schema()
+        self.models = {}
+        for info in [plan.primary] + ([plan.segmenter] if plan.segmenter else []):
+            module, _ = checkpoint.load_model(info.uri, s3, device)
+            self.models[info.uri] = module.to(memory_format=torch.channels_last)
+
+    def _forward(self, info: ModelInfo, images: np.ndarray):
+        """Probabilities for uint8 NHWC images: (N, C) classes, or (N, C, h, w) for segmenters."""
+        torch = self.torch
+        p = info.preprocess
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()   # NCHW view with channels_last strides
+        mean = torch.tensor(p.mean, device=self.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(p.std, device=self.device).view(1, -1, 1, 1) * 255
+        x = (x - mean) / std
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            logits = self.models[info.uri](x).float()
+        if info.task == "multiclass":
+            return logits.softmax(1)
+        return logits.sigmoid()
+
+    def _images(self, info: ModelInfo, batch: dict, idx: np.ndarray) -> np.ndarray:
+        return batch[f"image_{self.plan.input_index(info)}"][idx]
+
+    def __call__(self, batch: dict) -> pa.Table:
+        plan, primary = self.plan, self.plan.primary
+        n = len(batch["source_uri"])
+        errors = [str(e) or None for e in batch["error"]]
+        ok = np.flatnonzero([e is None for e in errors])
+        rows: list[dict] = [{} for _ in range(n)]   # the model-dependent columns of each row
+        if len(ok) and primary.segmenter:
+            self._segment(primary, batch, ok, self._forward(primary, self._images(primary, batch, ok)), rows)
+        elif len(ok):
+            probs = self._forward(primary, self._images(primary, batch, ok)).cpu().numpy()
+            prefix = "gate_prob_" if plan.cascade else "prob_"
+            flagged: list[tuple[int, list[bool]]] = []
+            for j, i in enumerate(ok):
+                labels, defect = classify(primary, probs[j])
+                row = rows[i]
+                row.update({prefix + column_name(c): float(probs[j, k]) for k, c in enumerate(primary.classes)})
+                if not plan.cascade:
+                    row.update(labels=labels, any_defect=defect)
+                    continue
+                row["flagged"] = defect
+                if defect:
+                    flagged.append((int(i), gate_classes(primary, plan.segmenter, labels)))
+                else:        # the gate says no defect: empty masks, the segmenter never sees it
+                    for c in map(column_name, plan.segmenter.classes):
+                        row[f"rle_{c}"], row[f"area_{c}"] = "", 0
+                    row.update(labels=[], any_defect=False)
+            if flagged:
+                idx = np.array([i for i, _ in flagged])
+                seg = plan.segmenter
+                self._segment(seg, batch, idx, self._forward(seg, self._images(seg, batch, idx)), rows,
+                              gates=[g for _, g in flagged])
+        ok_set = set(ok.tolist())
+        base = {"image_id": [str(v) for v in batch["image_id"]],
+                "source_uri": [str(v) for v in batch["source_uri"]],
+                "model": [plan.model_name] * n, "checkpoint": [plan.digest] * n,
+                "scored_at": [dt.datetime.now(dt.timezone.utc)] * n,
+                "height": [int(v) if i in ok_set else None for i, v in enumerate(batch["height"])],
+                "width": [int(v) if i in ok_set else None for i, v in enumerate(batch["width"])],
+                "error": errors}
+        data = {f.name: base[f.name] if f.name in base else [r.get(f.name) for r in rows] for f in self.schema}
+        return pa.Table.from_pydict(data, schema=self.schema)
+
+    def _segment(self, info: ModelInfo, batch: dict, idx: np.ndarray, probs, rows: list[dict],
+                 gates: list[list[bool]] | None = None) -> None:
+        """Masks at each sheet's original size: upsample, per-class threshold, minimum area, RLE."""
+        interpolate = self.torch.nn.functional.interpolate
+        names = [column_name(c) for c in info.classes]
+        peaks = probs.flatten(2).amax(2).cpu().numpy()
+        for j, i in enumerate(idx):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            full = interpolate(probs[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
+            row, found = rows[i], []
+            for c, name in enumerate(names):
+                mask = (full[c] >= info.thresholds[c]).cpu().numpy()
+                area = int(mask.sum())
+                if area < self.plan.min_area[c] or (gates is not None and not gates[j][c]):
+                    area = 0
+                row[f"prob_{name}"] = float(peaks[j, c])
+                row[f"rle_{name}"], row[f"area_{name}"] = (rle.encode(mask) if area else ""), area
+                if area:
+                    found.append(info.classes[c])
+            row.update(labels=found, any_defect=bool(found))
+
+
+def classify(info: ModelInfo, probs: np.ndarray) -> tuple[list[str], bool]:
+    """(labels, any_defect) of one image from a classifier's probabilities and thresholds."""
+    if info.task == "multiclass":
+        label = info.classes[int(np.argmax(probs))]
+        return [label], label.lower() not in NO_DEFECT_NAMES
+    found = [c for c, p, t in zip(info.classes, probs, info.thresholds) if p >= t]
+    return found, bool(found)
+
+
+def gate_classes(gate: ModelInfo, seg: ModelInfo, labels: list[str]) -> list[bool]:
+    """Which of the segmenter's classes a flagged sheet may have: per class when the classifier is
+    multi-label over the same classes, else all of them."""
+    if gate.task == "multilabel" and list(gate.classes) == list(seg.classes):
+        return [c in labels for c in seg.classes]
+    return [True] * len(seg.classes)
+
+
+# --- stage 3: atomic Parquet files ---------------------------------------------------------------
+
+try:
+    from ray.data import Datasink as _Datasink
+except ImportError:  # pragma: no cover - Ray is a dependency; this keeps the module importable alone
+    _Datasink = object
+
+
+class ParquetSink(_Datasink):
+    """One Parquet file per group of at least ``rows_per_file`` rows, named by a hash of its image
+    URIs, made visible only when complete. Ray's ``write_parquet`` writes in place (a killed job
+    leaves truncated files that readers pick up), hence this sink."""
+
+    def __init__(self, folder: str, s3: S3Config | None, rows_per_file: int, retries: int):
+        self.folder, self.s3, self.rows, self.retries = folder, s3, rows_per_file, retries
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows
+
+    def get_name(self) -> str:
+        return "WriteParquetAtomic"
+
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
+
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return {"rows": 0, "files": []}
+        table = pa.concat_tables(tables)
+        digest = hashlib.sha1("\n".join(table.column("source_uri").to_pylist()).encode()).hexdigest()[:20]
+        name = f"part-{digest}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        write_atomic(storage.join(self.folder, name), buf.getvalue(), self.s3, self.retries)
+        return {"rows": table.num_rows, "files": [name]}
+
+
+def write_atomic(uri: str, data: bytes, s3: S3Config | None = None, retries: int | None = None) -> None:
+    """Readers see the whole file or none of it: S3 objects appear whole on PUT; locally, write a
+    hidden temporary file in the same folder, flush it to disk, and rename it into place."""
+    fs, path = storage.filesystem(uri, s3, retries)
+    if storage.is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_stale_temporaries(folder: str) -> int:
+    if storage.is_s3(folder) or not os.path.isdir(folder):
+        return 0
+    stale = [f for f in os.listdir(folder) if f.startswith(".part-") and f.endswith(".tmp")]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    return len(stale)
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    inputs: int
+    skipped: int                  # already in the output for this checkpoint
+    scored: int                   # new rows with a prediction
+    errored: int                  # new rows with an error
+    gate_skipped: int             # cascade: scored sheets the classifier did not flag
+    seconds: float
+    output: str                   # the run-date partition written to
+    model: str
+    checkpoint: str
+    errors: list[str] = field(default_factory=list)  # the first few error messages
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.scored + self.errored
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"inputs {self.inputs}: scored {self.scored}, errors {self.errored}, "
+               f"skipped (already scored) {self.skipped}",
+               f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s with {self.model} "
+               f"(checkpoint {self.checkpoint})"]
+        if self.gate_skipped:
+            out.append(f"cascade: the classifier passed {self.gate_skipped} sheet(s) without segmenting them")
+        out += [f"error: {e}" for e in self.errors]
+        out.append(f"output: {self.output}")
+        return out
+
+
+def run(job: ScoreJob) -> Summary:
+    import ray
+
+    sc, s3 = job.score, job.s3
+    if not sc.output:
+        raise ScoreError("score.output: required (a folder or s3:// prefix for the Parquet dataset)")
+    plan = make_plan(sc, s3)
+    run_date = sc.run_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    partition = storage.join(sc.output, f"run_date={run_date}")
+    start = time.monotonic()
+    inputs = list_inputs(sc, s3)
+    before = done_uris(sc.output, plan.digest, s3)
+    done = set(before.column("source_uri").to_pylist())
+    todo = [(i, u) for i, u in inputs if u not in done]
+    skipped = len(inputs) - len(todo)
+    print(f"score: {len(inputs)} input(s), {skipped} already scored by {plan.model_name} "
+          f"({plan.digest}), {len(todo)} to score into {partition}", flush=True)
+    removed = _remove_stale_temporaries(partition)
+    if removed:
+        log.warning("%s: removed %d unfinished file(s) left by an interrupted run", partition, removed)
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=sc.address or None)
+        _pipeline(plan, sc, s3, todo, partition)
+    return _verify(plan, sc, s3, inputs, todo, skipped, time.monotonic() - start, partition)
+
+
+def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
+              partition: str) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = sc.device if sc.device != "auto" else ("cuda" if gpus else "cpu")
+    actors = sc.actors or (int(gpus) if device == "cuda" and gpus >= 1 else 1)
+    threads = sc.actor_threads or max(1, int(sc.actor_cpus))
+    blocks = max(1, math.ceil(len(todo) / sc.decode_batch))
+    ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        read_and_decode, batch_size=sc.decode_batch, batch_format="numpy",
+        fn_kwargs={"inputs": [p.to_dict() for p in plan.inputs], "expect_size": plan.expect_size,
+                   "s3": s3, "retries": sc.retries, "threads": sc.read_threads})
+    ds = ds.map_batches(
+        Scorer, batch_size=sc.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads},
+        compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
+        num_gpus=1 if device == "cuda" else 0)
+    ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
+
+
+def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skipped: int,
+            seconds: float, partition: str) -> Summary:
+    """Re-read the output: every input exactly once for this checkpoint, else ScoreError."""
+    rows = done_uris(sc.output, plan.digest, s3)
+    wanted = {u for _, u in inputs}
+    counts = pc.value_counts(rows.column("source_uri")).to_pylist() if rows.num_rows else []
+    dupes = [c["values"] for c in counts if c["counts"] > 1 and c["values"] in wanted]
+    missing = wanted - {c["values"] for c in counts}
+    if missing or dupes:
+        raise VerificationError(f"output {sc.output} failed verification: {len(missing)} input(s) missing "
+                         f"(e.g. {sorted(missing)[:3]}), {len(dupes)} duplicated (e.g. {dupes[:3]})")
+    new = rows.filter(pc.is_in(rows.column("source_uri"), pa.array([u for _, u in todo], pa.string())))
+    err = new.column("error").to_pylist()
+    errors = [e for e in err if e is not None]
+    gate_skipped = 0
+    if plan.cascade:
+        flagged = new.column("flagged").to_pylist()
+        gate_skipped = sum(1 for f, e in zip(flagged, err) if e is None and f is False)
+    return Summary(inputs=len(inputs), skipped=skipped, scored=len(err) - len(errors), errored=len(errors),
+                   gate_skipped=gate_skipped, seconds=seconds, output=partition, model=plan.model_name,
+                   checkpoint=plan.digest, errors=errors[:10])
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def read_output(output: str, s3: S3Config | None = None, run_date: str = "") -> pa.Table:
+    """The scoring output (one run date, or all) as one table, with ``run_date`` as a column."""
+    dataset = _open_dataset(output, s3)
+    if dataset is None:
+        raise ScoreError(f"{output}: no scoring output there")
+    filt = pc.field("run_date") == run_date if run_date else None
+    return dataset.to_table(filter=filt)
+
+
+def kaggle_rows(table: pa.Table) -> tuple[list[tuple[str, str, str]], int]:
+    """Kaggle submission rows (ImageId, ClassId, EncodedPixels) for every scored image and every
+    class of a segmenter's output, and the number of error rows left out."""
+    raw = (table.schema.metadata or {}).get(CLASSES_KEY)
+    rle_cols = [c for c in table.column_names if c.startswith("rle_")]
+    if not rle_cols:
+        raise ScoreError("the output has no rle_* columns: Kaggle's format needs a segmenter's masks")
+    classes = json.loads(raw) if raw else [c[len("rle_"):] for c in rle_cols]
+    data = table.select(["image_id", "error"] + [f"rle_{column_name(c)}" for c in classes]).to_pylist()
+    rows, skipped = [], 0
+    for r in sorted(data, key=lambda r: r["image_id"]):
+        if r["error"] is not None:
+            skipped += 1
+            continue
+        rows += [(r["image_id"], c, r[f"rle_{column_name(c)}"] or "") for c in classes]
+    return rows, skipped

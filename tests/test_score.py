@@ -1,0 +1,261 @@
+"""The scoring job on a local Ray: real S3 (moto), real Parquet, checkpoints of untrained tiny models
+(what is checked is the plumbing: outputs must equal the model applied directly, one image at a time)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pds
+import pytest
+import torch
+from PIL import Image
+
+from steelray import checkpoint, config, data, models, rle, score, storage
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (64, 320)   # model input for the tests' checkpoints: sheets are resized 4x / 5x down
+CLASSES = data.SEVERSTAL_CLASSES
+
+
+def make_checkpoint(folder: Path, task: str, name: str, *, size=SIZE, thresholds=None, seed=0) -> str:
+    cfg = config.load(None, [f"task={task}", f"model.name={name}", f"input.size=[{size[0]},{size[1]}]",
+                             "data.format=severstal"])
+    torch.manual_seed(seed)
+    model = models.build_model(cfg, len(CLASSES))
+    checkpoint.write(str(folder), model,
+                     checkpoint.make_meta(cfg, CLASSES, models.preprocess_for(cfg), thresholds=thresholds))
+    return str(folder)
+
+
+def direct(ckpt: str, image_bytes: bytes) -> torch.Tensor:
+    """The reference: one image through the plain module, as a notebook would, no Ray involved."""
+    import cv2
+
+    model, meta = checkpoint.load_model(ckpt)
+    pre = models.Preprocess.from_dict(meta["preprocess"])
+    img = data.decode_image(image_bytes, pre.in_chans)
+    img = cv2.resize(img, (pre.size[1], pre.size[0]), interpolation=cv2.INTER_LINEAR).reshape(*pre.size, -1)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - torch.tensor(pre.mean).view(1, -1, 1, 1)) \
+        / torch.tensor(pre.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits = model(x)
+    return logits.softmax(1)[0] if meta["task"] == "multiclass" else logits.sigmoid()[0]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"multilabel": make_checkpoint(root / "ml", "multilabel", "resnet10t"),
+            "segmenter": make_checkpoint(root / "seg", "segmentation", "resnet18",
+                                         thresholds=[0.95, 0.9, 0.5, 0.1])}
+
+
+def bad_files(good: bytes) -> dict[str, bytes]:
+    small = io.BytesIO()
+    Image.fromarray(np.full((200, 200), 128, np.uint8)).save(small, format="JPEG")
+    return {"truncated.jpg": good[: len(good) // 3], "empty.jpg": b"", "notes.txt": b"not an image at all\n",
+            "small.jpg": small.getvalue()}
+
+
+BAD_MESSAGES = {"truncated.jpg": "truncated", "empty.jpg": "empty file", "notes.txt": "not an image",
+                "small.jpg": "unexpected size 200x200"}
+
+
+def put_inputs(sheets, dest: str, n: int = 5) -> dict[str, bytes]:
+    """n good sheets plus the four bad files under ``dest`` (local folder or s3:// prefix)."""
+    names = sorted(os.listdir(sheets.images))[:n]
+    files = {name: storage.read_bytes(os.path.join(sheets.images, name)) for name in names}
+    files.update(bad_files(files[names[0]]))
+    for name, blob in files.items():
+        storage.write_bytes(storage.join(dest, name), blob)
+    return files
+
+
+def job(*overrides) -> config.ScoreJob:
+    """A scoring config; S3 settings travel in it (the Ray workers do not share the test's environment)."""
+    s3 = [f"s3.{k}={os.environ[v]}" for k, v in [("endpoint_url", "AWS_ENDPOINT_URL"), ("region", "AWS_REGION"),
+          ("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY")] if v in os.environ]
+    return config.load(None, ["score.run_date=2026-11-22", "score.batch_size=4", "score.decode_batch=4",
+                              *s3, *overrides], config.ScoreJob)
+
+
+def read(output: str) -> pd.DataFrame:
+    fs, path = storage.filesystem(output)
+    return pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_local, bucket, sheets, ckpts):
+    files = put_inputs(sheets, f"{bucket}/incoming")
+    out = f"{bucket}/predictions"
+    summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+                            f"score.output={out}"))
+    assert (summary.inputs, summary.scored, summary.errored, summary.skipped) == (9, 5, 4, 0)
+    df = read(out)
+    assert sorted(df.image_id) == sorted(files) and df.source_uri.is_unique
+    assert set(df.run_date) == {"2026-11-22"} and summary.output == f"{out}/run_date=2026-11-22"
+    for name, message in BAD_MESSAGES.items():
+        row = df[df.image_id == name].iloc[0]
+        assert message in row.error and name in row.error, row.error
+        assert np.isnan(row.prob_1) and row.any_defect is None
+    good = df[df.error.isna()]
+    assert len(good) == 5 and (good.height == 256).all() and (good.width == 1600).all()
+    for row in good.itertuples():
+        expected = direct(ckpts["multilabel"], files[row.image_id]).numpy()
+        got = np.array([row.prob_1, row.prob_2, row.prob_3, row.prob_4])
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert list(row.labels) == [c for c, p in zip(CLASSES, expected) if p >= 0.5]
+        assert row.any_defect == bool(len(row.labels))
+    assert (df.checkpoint == score.describe(ckpts["multilabel"]).digest).all() and (df.model == "resnet10t").all()
+    fs, path = storage.filesystem(out)
+    files_before = sorted(fs.find(path))
+
+    again = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+                          f"score.output={out}", "score.run_date=2026-11-23"))
+    assert (again.scored, again.errored, again.skipped) == (0, 0, 9)
+    fs.invalidate_cache()
+    assert sorted(fs.find(path)) == files_before and len(read(out)) == 9
+
+    storage.write_bytes(f"{bucket}/incoming/late.jpg", files[sorted(files)[0]])  # one more sheet arrives
+    late = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+                         f"score.output={out}", "score.run_date=2026-11-23"))
+    assert (late.scored, late.skipped) == (1, 9)
+    df = read(out)
+    assert len(df) == 10 and df.source_uri.is_unique
+    assert df[df.image_id == "late.jpg"].run_date.tolist() == ["2026-11-23"]
+
+
+def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(ray_local, tmp_path,
+                                                                                      sheets, ckpts):
+    files = put_inputs(sheets, str(tmp_path / "in"), n=3)
+    seg = ckpts["segmenter"]
+    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}",
+                            f"score.output={tmp_path / 'out'}"))
+    assert (summary.scored, summary.errored) == (3, 4)
+    df = read(str(tmp_path / "out"))
+    assert len(df) == 7
+    thresholds = [0.95, 0.9, 0.5, 0.1]
+    areas = []
+    for row in df[df.error.isna()].itertuples():
+        probs = direct(seg, files[row.image_id])
+        full = torch.nn.functional.interpolate(probs[None], size=(256, 1600), mode="bilinear",
+                                               align_corners=False)[0]
+        for c, cls in enumerate(CLASSES):
+            expected = (full[c] >= thresholds[c]).numpy()
+            mask = rle.decode(getattr(row, f"rle_{cls}"), (256, 1600))
+            assert (mask != expected).sum() <= 0.001 * expected.size, (row.image_id, cls)
+            assert getattr(row, f"area_{cls}") == mask.sum()
+            assert getattr(row, f"prob_{cls}") == pytest.approx(float(probs[c].max()), abs=1e-4)
+            areas.append(int(mask.sum()))
+        assert list(row.labels) == [c for c in CLASSES if getattr(row, f"area_{c}") > 0]
+    assert 0 < min(a for a in areas if a) < max(areas), "the test needs masks of several sizes"
+
+    cut = sorted(a for a in areas if a)[len([a for a in areas if a]) // 2]
+    score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}", f"score.output={tmp_path / 'out2'}",
+                  f"score.min_area=[{cut},{cut},{cut},{cut}]"))
+    df2 = read(str(tmp_path / "out2")).set_index("image_id")
+    for row in df[df.error.isna()].itertuples():
+        for cls in CLASSES:
+            before = getattr(row, f"area_{cls}")
+            assert df2.loc[row.image_id, f"area_{cls}"] == (before if before >= cut else 0)
+
+    rows, left_out = score.kaggle_rows(score.read_output(str(tmp_path / "out")))
+    assert left_out == 4 and len(rows) == 3 * 4
+    assert {(r[0], r[1]) for r in rows} == {(i, c) for i in df[df.error.isna()].image_id for c in CLASSES}
+
+
+def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, ckpts):
+    files = put_inputs(sheets, str(tmp_path / "in"), n=6)
+    # A multi-label gate whose per-class threshold lets only the sheet it scores highest pass, so
+    # that some sheets pass (some of their classes) and others do not.
+    probe = make_checkpoint(tmp_path / "gate", "multilabel", "resnet10t", seed=3)
+    probs = np.stack([direct(probe, files[n]).numpy() for n in sorted(files) if n.endswith(".jpg")
+                      and n not in BAD_MESSAGES])
+    gate = make_checkpoint(tmp_path / "gate", "multilabel", "resnet10t", seed=3,
+                           thresholds=[float(np.sort(probs[:, c])[-2:].mean()) for c in range(4)])
+    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}",
+                            f"score.segmenter={ckpts['segmenter']}", f"score.output={tmp_path / 'out'}"))
+    df = read(str(tmp_path / "out"))
+    good = df[df.error.isna()]
+    assert len(df) == 10 and len(good) == 6
+    assert summary.gate_skipped == int((~good.flagged.astype(bool)).sum())
+    score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
+                  f"score.output={tmp_path / 'seg'}"))
+    plain = read(str(tmp_path / "seg")).set_index("image_id")
+    for row in good.itertuples():
+        gate_probs = [getattr(row, f"gate_prob_{c}") for c in CLASSES]
+        passes = [p >= t for p, t in zip(gate_probs, score.describe(gate).thresholds)]
+        assert row.flagged == any(passes)
+        for c, cls in enumerate(CLASSES):
+            if row.flagged and passes[c]:
+                assert getattr(row, f"rle_{cls}") == plain.loc[row.image_id, f"rle_{cls}"]
+            else:
+                assert getattr(row, f"rle_{cls}") == "" and getattr(row, f"area_{cls}") == 0
+        if not row.flagged:
+            assert np.isnan(row.prob_1) and list(row.labels) == [] and not row.any_defect
+    assert 2 <= summary.gate_skipped < 6
+    assert (df.model == "resnet10t > unet-resnet18").all()
+
+
+def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, tmp_path, sheets, ckpts):
+    files = put_inputs(sheets, str(tmp_path / "in"), n=2)
+    good = sorted(n for n in files if n not in BAD_MESSAGES)
+    manifest = tmp_path / "in" / "tonight.txt"
+    manifest.write_text(f"# tonight's sheets\n{good[0]}\n{good[1]}\n{good[0]}\nmissing.jpg\n")
+    summary = score.run(job(f"score.input={manifest}", f"score.checkpoint={ckpts['multilabel']}",
+                            f"score.output={tmp_path / 'out'}"))
+    assert (summary.inputs, summary.scored, summary.errored) == (3, 2, 1)
+    df = read(str(tmp_path / "out"))
+    missing = df[df.image_id == "missing.jpg"].error.iloc[0]
+    assert "missing.jpg" in missing and "not found" in missing
+
+
+def test_bad_arguments_exit_2_with_the_reason(tmp_path):
+    run = subprocess.run([sys.executable, "jobs/score.py", "--input", str(tmp_path), "--checkpoint",
+                          str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2 and "not a steelray checkpoint" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "jobs/score.py", "score.batch_size=0"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2 and "score.batch_size: must be >= 1" in run.stderr, run.stderr
+
+
+def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_local, tmp_path, sheets):
+    """A driver on the test's Ray is SIGKILLed after its first Parquet file; the rerun completes."""
+    names = sorted(os.listdir(sheets.images))[:16]
+    for name in names:
+        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    # A full-size resnet18 (~0.3 s a sheet here) so the job is still running when it is killed.
+    ckpt = make_checkpoint(tmp_path / "ckpt", "multilabel", "resnet18", size=(256, 1600))
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    args = [sys.executable, "jobs/score.py", "--input", str(tmp_path / "in"), "--checkpoint", ckpt,
+            "--output", str(out), f"score.address={address}", "score.run_date=2026-11-22",
+            "score.rows_per_file=2", "score.batch_size=2", "score.decode_batch=2"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    part = out / "run_date=2026-11-22"
+    deadline = time.monotonic() + 240
+    while not (part.is_dir() and any(f.startswith("part-") for f in os.listdir(part))):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no output file within 240 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = read(str(out))                     # readable: no partial file is visible
+    assert 0 < len(at_kill) < 16, "the job finished before it was killed: make it slower"
+    assert at_kill.source_uri.is_unique
+
+    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}",
+                            "score.rows_per_file=4"))
+    df = read(str(out))
+    assert len(df) == 16 and df.source_uri.is_unique and df.error.isna().all()
+    assert summary.skipped >= len(at_kill) and summary.scored + summary.skipped == 16
+    assert not [f for f in os.listdir(part) if f.startswith(".")], "temporary files left behind"
