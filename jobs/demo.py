@@ -2,7 +2,8 @@
 
 Generates a small synthetic Severstal-format set, reads it back through the data layer (manifest,
 validation, split, decoding), trains a small multi-label classifier briefly on a local Ray (2 gloo
-workers) and prints where every output went. Scoring joins this path when jobs/score.py lands.
+workers), scores a night's worth of sheets with it (plus one corrupt file, which becomes an error row)
+into Parquet, and prints where every output went.
 
     python jobs/demo.py [--out DIR] [--n 32] [--epochs 2]
 """
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
 
     written = synth.make_severstal(os.path.join(out, "data"), args.n, args.seed)
-    print(f"[1/4] generated {written.count} synthetic sheets ({written.defect_free} defect-free) "
+    print(f"[1/5] generated {written.count} synthetic sheets ({written.defect_free} defect-free) "
           f"-> {written.images}")
 
     # The example config, shrunk to a tiny model and small inputs so the demo runs in a minute on a laptop.
@@ -51,11 +52,11 @@ def main(argv=None) -> int:
     train, val = data.split(manifest, cfg.data)
     manifest_uri = os.path.join(out, "manifest.parquet")
     manifest.records.to_parquet(manifest_uri, index=False)
-    print(f"[2/4] manifest: {manifest.summary()}")
+    print(f"[2/5] manifest: {manifest.summary()}")
     print(f"      split (seed {cfg.data.seed}): {len(train)} train / {len(val)} validation")
 
     first = data.load_image(val.records["uri"].iloc[0], cfg.data.in_chans, cfg.s3)
-    print(f"[3/4] decoded {val.records['image_id'].iloc[0]} as {first.shape[0]}x{first.shape[1]}x{first.shape[2]} "
+    print(f"[3/5] decoded {val.records['image_id'].iloc[0]} as {first.shape[0]}x{first.shape[1]}x{first.shape[2]} "
           f"(in_chans={cfg.data.in_chans})")
 
     best = None
@@ -65,8 +66,25 @@ def main(argv=None) -> int:
         shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # same run name would resume
         result = train.fit(cfg)
         best = result.best_checkpoint
-        print(f"[4/4] trained {cfg.model.name} for {result.epochs} epoch(s) on 2 workers: "
+        print(f"[4/5] trained {cfg.model.name} for {result.epochs} epoch(s) on 2 workers: "
               + ", ".join(f"{k} {result.best_metrics[k]:.3f}" for k in ("val_loss", "macro_f1", "roc_auc")))
+
+    predictions = None
+    if best:
+        from steelray import score
+
+        incoming = os.path.join(out, "incoming")
+        shutil.rmtree(incoming, ignore_errors=True)
+        os.makedirs(incoming)
+        for name in sorted(os.listdir(written.images))[:16]:
+            shutil.copy(os.path.join(written.images, name), incoming)
+        with open(os.path.join(incoming, "corrupt.jpg"), "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+        predictions = os.path.join(out, "predictions")
+        shutil.rmtree(predictions, ignore_errors=True)
+        summary = score.run(config.load(None, [f"score.input={incoming}", f"score.checkpoint={best}",
+                                               f"score.output={predictions}"], config.ScoreJob))
+        print("[5/5] scored: " + "\n      ".join(summary.lines()))
 
     print("\noutputs:")
     print(f"  images     {written.images}")
@@ -76,7 +94,9 @@ def main(argv=None) -> int:
     if best:
         print(f"  metrics    {os.path.join(out, 'runs', 'demo', 'metrics.csv')}")
         print(f"  checkpoint {best}")
-    print(f"done in {time.perf_counter() - start:.1f}s. Not yet in this path: scoring (jobs/score.py).")
+    if predictions:
+        print(f"  scores     {predictions} (Parquet, partitioned by run_date)")
+    print(f"done in {time.perf_counter() - start:.1f}s.")
     return 0
 
 

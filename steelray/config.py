@@ -138,6 +138,7 @@ class ScoreConfig:
     actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    compile: bool = False          # torch.compile the model(s) in each actor: ~20 s start, then faster on GPU
     decode_batch: int = _f(32, min=1)    # images per read+decode task
     read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
     rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)

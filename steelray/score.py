@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -317,7 +318,7 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
 class Scorer:
     """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
 
-    def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int):
+    def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False):
         import torch
 
         if threads:
@@ -329,13 +330,16 @@ class Scorer:
         self.models = {}
         for info in [plan.primary] + ([plan.segmenter] if plan.segmenter else []):
             module, _ = checkpoint.load_model(info.uri, s3, device)
-            self.models[info.uri] = module.to(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)
+            self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
 
     def _forward(self, info: ModelInfo, images: np.ndarray):
         """Probabilities for uint8 NHWC images: (N, C) classes, or (N, C, h, w) for segmenters."""
         torch = self.torch
         p = info.preprocess
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()   # NCHW view with channels_last strides
         mean = torch.tensor(p.mean, device=self.device).view(1, -1, 1, 1) * 255
         std = torch.tensor(p.std, device=self.device).view(1, -1, 1, 1) * 255
@@ -347,7 +351,8 @@ class Scorer:
         return logits.sigmoid()
 
     def _images(self, info: ModelInfo, batch: dict, idx: np.ndarray) -> np.ndarray:
-        return batch[f"image_{self.plan.input_index(info)}"][idx]
+        images = batch[f"image_{self.plan.input_index(info)}"]
+        return images if len(idx) == len(images) else images[idx]  # no copy when every row decoded
 
     def __call__(self, batch: dict) -> pa.Table:
         plan, primary = self.plan, self.plan.primary
@@ -538,6 +543,8 @@ def run(job: ScoreJob) -> Summary:
     partition = storage.join(sc.output, f"run_date={run_date}")
     start = time.monotonic()
     inputs = list_inputs(sc, s3)
+    out_root = sc.output if storage.is_s3(sc.output) else os.path.abspath(os.path.expanduser(sc.output))
+    inputs = [(i, u) for i, u in inputs if not u.startswith(out_root.rstrip("/") + "/")]  # output inside input
     before = done_uris(sc.output, plan.digest, s3)
     done = set(before.column("source_uri").to_pylist())
     todo = [(i, u) for i, u in inputs if u not in done]
@@ -571,7 +578,8 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
                    "s3": s3, "retries": sc.retries, "threads": sc.read_threads})
     ds = ds.map_batches(
         Scorer, batch_size=sc.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads},
+        fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
+                               "compile": sc.compile},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
         num_gpus=1 if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))

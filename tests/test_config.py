@@ -6,7 +6,7 @@ import yaml
 from steelray import config
 from steelray.config import ConfigError
 
-EXAMPLES = sorted(glob.glob("jobs/configs/*.yaml"))
+EXAMPLES = sorted(p for p in glob.glob("jobs/configs/*.yaml") if not p.rsplit("/", 1)[1].startswith("score"))
 
 
 def test_four_example_configs_load():
@@ -77,3 +77,18 @@ def test_config_saved_to_s3(bucket):
     cfg = config.load("jobs/configs/severstal_binary.yaml")
     uri = config.save(cfg, f"{bucket}/runs/x/config.yaml")
     assert config.load(uri) == cfg
+
+
+def test_score_job_config(tmp_path):
+    nightly = config.load("jobs/configs/score_nightly.yaml", ["score.input=/data/tonight.txt"], config.ScoreJob)
+    assert nightly.score.input == "/data/tonight.txt" and nightly.score.min_area == [500, 500, 1000, 2000]
+    path = tmp_path / "score.yaml"
+    path.write_text("score:\n  run_date: 2026-11-22\n  expect_size: [256, 1600]\n  suffixes: [.jpg]\n")
+    job = config.load(str(path), ["score.batch_size=64"], config.ScoreJob)
+    assert (job.score.run_date, job.score.batch_size, job.score.suffixes) == ("2026-11-22", 64, [".jpg"])
+    with pytest.raises(config.ConfigError, match=r"score.run_date: expected YYYY-MM-DD, got '22/11/2026'"):
+        config.load(None, ["score.run_date=22/11/2026"], config.ScoreJob)
+    with pytest.raises(config.ConfigError, match="score.expect_size"):
+        config.load(None, ["score.expect_size=[256]"], config.ScoreJob)
+    with pytest.raises(config.ConfigError, match="score.device: 'tpu' is not a valid choice"):
+        config.load(None, ["score.device=tpu"], config.ScoreJob)

@@ -30,7 +30,11 @@ def test_demo_generates_reads_back_and_trains(tmp_path, ray_tmp):
     for line in ("images", "labels", "manifest", "config"):
         assert f"  {line} " in run.stdout
     assert (out / "config.yaml").exists() and (out / "data" / "train.csv").exists()
-    assert "[4/4] trained simple_cnn for 1 epoch(s)" in run.stdout
+    assert "[4/5] trained simple_cnn for 1 epoch(s)" in run.stdout
+    assert "[5/5] scored: inputs 17: scored 16, errors 1, skipped (already scored) 0" in run.stdout
+    scores = pd.read_parquet(out / "predictions")
+    assert len(scores) == 17 and scores.source_uri.is_unique
+    assert "corrupt.jpg" in scores[scores.error.notna()].source_uri.iloc[0]
     assert f"  checkpoint {out / 'runs' / 'demo' / 'epoch-0001'}" in run.stdout
     assert (out / "runs" / "demo" / "epoch-0001" / "model.safetensors").exists()
 
@@ -43,7 +47,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_train_on_a_local_head(tmp_path, ray_tmp):
+def test_ray_job_submit_train_then_score_on_a_local_head(tmp_path, ray_tmp):
     """`ray start --head` + `ray job submit` as a user runs them, token authentication left on."""
     import signal
     import time
@@ -91,6 +95,21 @@ def test_ray_job_submit_train_on_a_local_head(tmp_path, ray_tmp):
         assert f"best checkpoint: {tmp_path / 'runs' / 'job' / 'epoch-0001'}" in logs
         assert "succeeded" in logs
         assert logs.count("epoch 1/1 train_loss") == 1, "per-epoch progress missing from the job logs, or doubled"
+
+        # The nightly job the same way, with the checkpoint just trained.
+        images = sorted(p for p in (tmp_path / "neu").rglob("*.jpg"))
+        score = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                 "--runtime-env-json", runtime_env, "--",
+                 "python", "jobs/score.py", "--input", str(tmp_path / "neu"), "--checkpoint",
+                 str(tmp_path / "runs" / "job" / "epoch-0001"), "--output", str(tmp_path / "scores"),
+                 "score.suffixes=[.jpg]", "score.actor_cpus=0.5"]
+        job = subprocess.run(score, capture_output=True, text=True, timeout=600, env=env)
+        logs = job.stdout + job.stderr
+        assert job.returncode == 0, logs[-4000:]
+        assert f"inputs {len(images)}: scored {len(images)}, errors 0" in logs
+        scores = pd.read_parquet(tmp_path / "scores")
+        assert sorted(scores.source_uri) == sorted(map(str, images))
+        assert {"prob_crazing", "prob_scratches", "labels", "any_defect", "error"} <= set(scores.columns)
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         head.wait(60)

@@ -1,0 +1,191 @@
+"""Scoring throughput and memory, side by side in one run on one machine.
+
+    .ci/in-venv python benchmarks/score_bench.py [--n 600] [--model resnet18] [--size 128 800]
+                                                 [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
+
+1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
+   wall time of the whole job, start-up and verification included) against the same model's bare
+   forward pass over pre-decoded, pre-resized uint8 tensors (the ceiling), and against a naive loop
+   that reads, decodes, resizes and predicts one image at a time (the notebook way). Same model,
+   same torch thread count, same sheets.
+2. Memory: the scoring job over ``--mem-n`` sheets (a small model, so the data path dominates),
+   peak machine memory in use above the idle baseline (MemTotal - MemAvailable, sampled every
+   0.1 s; Ray's object store is shared memory and counted). Streaming should keep it roughly flat.
+
+Sheets: synthetic Severstal 1600x256 JPEGs (``--unique`` of them, repeated under other names up to
+the counts needed: same bytes, different URIs, so every one is really read and decoded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from steelray import checkpoint, config, data, models, score, storage, synth  # noqa: E402
+
+
+def make_checkpoint(folder: str, name: str, size: tuple[int, int]) -> str:
+    cfg = config.load(None, ["task=multilabel", f"model.name={name}", f"input.size=[{size[0]},{size[1]}]",
+                             "data.format=severstal"])
+    torch.manual_seed(0)
+    model = models.build_model(cfg, 4)
+    checkpoint.write(folder, model, checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
+    return folder
+
+
+def fill(folder: str, sources: list[str], n: int) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        os.link(src, os.path.join(folder, f"{i:06d}-{os.path.basename(src)}"))
+
+
+def preprocess(blob: bytes, pre: models.Preprocess) -> np.ndarray:
+    img = data.decode_image(blob, pre.in_chans)
+    return cv2.resize(img, (pre.size[1], pre.size[0]), interpolation=cv2.INTER_LINEAR).reshape(*pre.size, -1)
+
+
+def normalise(x: torch.Tensor, pre: models.Preprocess) -> torch.Tensor:
+    x = x.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1) * 255
+    std = torch.tensor(pre.std).view(1, -1, 1, 1) * 255
+    return (x - mean) / std
+
+
+def bare_forward(ckpt: str, images: list[np.ndarray], batch: int, threads: int) -> float:
+    """Images/s of the model alone on tensors already decoded and resized (uint8 NHWC, as the actors get)."""
+    torch.set_num_threads(threads)
+    model, meta = checkpoint.load_model(ckpt)
+    model = model.to(memory_format=torch.channels_last)
+    pre = models.Preprocess.from_dict(meta["preprocess"])
+    stack = torch.from_numpy(np.stack(images))
+    with torch.inference_mode():
+        model(normalise(stack[:batch], pre))  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(stack), batch):
+            model(normalise(stack[i:i + batch], pre)).sigmoid()
+    return len(stack) / (time.perf_counter() - start)
+
+
+def naive_loop(ckpt: str, uris: list[str], threads: int) -> float:
+    """Read, decode, resize, predict, one image at a time."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model, meta = checkpoint.load_model(ckpt)
+    pre = models.Preprocess.from_dict(meta["preprocess"])
+    with torch.inference_mode():
+        for uri in uris:
+            x = torch.from_numpy(preprocess(storage.read_bytes(uri), pre)[None])
+            model(normalise(x, pre)).sigmoid()
+    return len(uris) / (time.perf_counter() - start)
+
+
+class PeakMemory:
+    """Peak of (MemTotal - MemAvailable) while running, above the level at start."""
+
+    def __init__(self):
+        self.peak = self.base = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def _used() -> int:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        kib = lambda k: int(info[k].split()[0])  # noqa: E731
+        return (kib("MemTotal") - kib("MemAvailable")) * 1024
+
+    def _watch(self):
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def above_base_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int) -> score.Summary:
+    shutil.rmtree(output, ignore_errors=True)
+    job = config.load(None, [f"score.input={inputs}", f"score.checkpoint={ckpt}", f"score.output={output}",
+                             f"score.batch_size={batch}", f"score.actor_threads={threads}", "score.actor_cpus=1",
+                             "score.decode_batch=32"], config.ScoreJob)
+    return score.run(job)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=600, help="sheets for the efficiency comparison")
+    ap.add_argument("--unique", type=int, default=200, help="distinct synthetic sheets generated")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--size", type=int, nargs=2, default=[128, 800], metavar=("H", "W"))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, for every contender")
+    ap.add_argument("--naive-n", type=int, default=100, help="sheets for the (slow) naive loop")
+    ap.add_argument("--mem-model", default="mobilenetv3_small_050")
+    ap.add_argument("--mem-size", type=int, nargs=2, default=[64, 400], metavar=("H", "W"))
+    ap.add_argument("--mem-n", type=int, nargs="*", default=[1000, 5000])
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "steelray-score-bench"))
+    args = ap.parse_args()
+
+    import ray
+
+    work = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    written = synth.make_severstal(os.path.join(work, "src"), args.unique, seed=11, workers=2)
+    sources = sorted(os.path.join(written.images, f) for f in os.listdir(written.images))
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"ray {ray.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+
+    ckpt = make_checkpoint(os.path.join(work, "ckpt"), args.model, tuple(args.size))
+    fill(os.path.join(work, "eff"), sources, args.n)
+    pre = models.Preprocess.from_dict(checkpoint.read_meta(ckpt)["preprocess"])
+    decoded = [preprocess(storage.read_bytes(sources[i % len(sources)]), pre) for i in range(args.n)]
+    ray.init(num_cpus=2, include_dashboard=None, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+
+    summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch, args.threads)
+    pipeline = summary.images_per_s
+    bare = bare_forward(ckpt, decoded, args.batch, args.threads)
+    naive = naive_loop(ckpt, sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))[
+        :args.naive_n], args.threads)
+    print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
+          f"{args.n} sheets")
+    print(f"  pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
+    print(f"  bare forward, pre-decoded       {bare:8.1f} img/s  -> pipeline/bare = {pipeline / bare:.2f}")
+    print(f"  naive one-at-a-time loop        {naive:8.1f} img/s  -> pipeline/naive = {pipeline / naive:.2f}",
+          flush=True)
+
+    mckpt = make_checkpoint(os.path.join(work, "mckpt"), args.mem_model, tuple(args.mem_size))
+    print(f"memory: {args.mem_model} {args.mem_size[0]}x{args.mem_size[1]}, batch 32, full 1600x256 sheets decoded")
+    for n in args.mem_n:
+        folder = os.path.join(work, f"mem-{n}")
+        fill(folder, sources, n)
+        with PeakMemory() as mem:
+            s = run_job(folder, mckpt, os.path.join(work, f"out-mem-{n}"), 32, args.threads)
+        print(f"  {n:6d} sheets: peak +{mem.above_base_mib:7.0f} MiB above idle, {s.images_per_s:6.1f} img/s, "
+              f"{s.scored} scored, {s.errored} errors", flush=True)
+        shutil.rmtree(folder)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""GPU scoring figures: resnet50 on full 256x1600 sheets in bf16, and JPEG decode alone.
+
+    python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--pipeline]
+
+Measured with the scoring job's own pieces, side by side in one run:
+- decode: ``score.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
+  ``--workers`` processes, images/s; and PIL decode alone in one process;
+- model: ``score.Scorer`` (the actor class: uint8 -> GPU, normalise, bf16 channels_last forward,
+  per-class thresholds, output rows) on batches already decoded, images/s; and the bare forward pass
+  on the same tensors already on the GPU (the ceiling);
+- ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed).
+
+Sheets are synthetic Severstal 1600x256 JPEGs (``--unique`` distinct, repeated up to ``--n``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from steelray import checkpoint, config, data, models, score, synth  # noqa: E402
+
+INPUT = [{"size": [256, 1600], "crop": None, "in_chans": 1, "mean": [0.449], "std": [0.226]}]
+
+
+def _decode_chunk(uris: list[str]) -> int:
+    out = score.read_and_decode({"image_id": np.array(uris, dtype=object), "source_uri": np.array(uris, dtype=object)},
+                                inputs=INPUT, expect_size=(256, 1600), s3=None, retries=0, threads=4)
+    assert not any(out["error"]), out["error"]
+    return len(uris)
+
+
+def decode_rate(uris: list[str], workers: int, chunk: int = 64) -> float:
+    chunks = [uris[i:i + chunk] for i in range(0, len(uris), chunk)]
+    with Pool(workers) as pool:
+        pool.map(_decode_chunk, chunks[:workers])  # warm the workers
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_chunk, chunks))
+    return done / (time.perf_counter() - start)
+
+
+def make_checkpoint(folder: str, name: str) -> str:
+    cfg = config.load(None, ["task=multilabel", f"model.name={name}", "input.size=[256,1600]", "data.format=severstal"])
+    model = models.build_model(cfg, 4)
+    checkpoint.write(folder, model, checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--unique", type=int, default=256)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--batch", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--pipeline", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
+    ap.add_argument("--only-pipeline", action="store_true", help="skip the decode and model-alone figures")
+    ap.add_argument("--pipeline-n", type=int, nargs="*", default=[],
+                    help="pipeline input counts; two or more give the marginal (steady-state) rate")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "steelray-score-gpu"))
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "no GPU"
+    print(f"# {torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    t = time.perf_counter()
+    written = synth.make_severstal(os.path.join(args.work, "src"), args.unique, seed=5, workers=args.workers)
+    src = sorted(os.path.join(written.images, f) for f in os.listdir(written.images))
+    inputs = os.path.join(args.work, "in")
+    os.makedirs(inputs)
+    for i in range(args.n):
+        os.link(src[i % len(src)], os.path.join(inputs, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
+    uris = sorted(os.path.join(inputs, f) for f in os.listdir(inputs))
+    print(f"generated {args.unique} sheets, {args.n} inputs in {time.perf_counter() - t:.1f}s", flush=True)
+
+    ckpt = make_checkpoint(os.path.join(args.work, "ckpt"), args.model)
+    if args.only_pipeline:
+        return pipeline(args, src, ckpt)
+    start = time.perf_counter()
+    for u in uris[:500]:
+        data.decode_image(open(u, "rb").read(), 1, u)
+    print(f"decode: PIL, 1 process: {500 / (time.perf_counter() - start):.0f} img/s", flush=True)
+    print(f"decode: score.read_and_decode, {args.workers} processes: {decode_rate(uris, args.workers):.0f} img/s",
+          flush=True)
+
+    plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
+    scorer = score.Scorer(plan, None, "cuda", 0)
+    images = np.stack([data.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
+    model = scorer.models[ckpt]
+    for batch in args.batch:
+        reps = max(1, args.n // batch)
+        idx = [np.arange(i * batch, (i + 1) * batch) % len(images) for i in range(reps)]
+        gpu = torch.from_numpy(images[idx[0]]).cuda()
+        x = ((gpu.permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            for _ in range(3):
+                model(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                model(x)
+            torch.cuda.synchronize()
+        bare = reps * batch / (time.perf_counter() - start)
+        batches = [{"image_id": np.array([str(j) for j in i], dtype=object),
+                    "source_uri": np.array([str(j) for j in i], dtype=object),
+                    "height": np.full(batch, 256, np.int32), "width": np.full(batch, 1600, np.int32),
+                    "error": np.array([""] * batch, dtype=object), "image_0": images[i]} for i in idx]
+        scorer(batches[0])
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        rows = sum(scorer(b).num_rows for b in batches)
+        torch.cuda.synchronize()
+        actor = rows / (time.perf_counter() - start)
+        print(f"{args.model} 256x1600 bf16 batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s; "
+              f"Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s", flush=True)
+
+    if args.compile:
+        import torch._inductor.config as inductor
+
+        batch = args.batch[-1]
+        x = torch.from_numpy(images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:])))
+        x = ((x.cuda().permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
+        for label, freezing, mode in [("compile", False, None), ("compile+freezing", True, None),
+                                      ("compile+freezing max-autotune-no-cudagraphs", True, "max-autotune-no-cudagraphs")]:
+            inductor.freezing = freezing
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode=mode)
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+                compiled(x)
+                torch.cuda.synchronize()
+                warm = time.perf_counter() - start
+                for _ in range(2):
+                    compiled(x)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                reps = max(1, args.n // batch)
+                for _ in range(reps):
+                    compiled(x)
+                torch.cuda.synchronize()
+            print(f"{args.model} 256x1600 bf16 batch {batch}: {label}: {reps * batch / (time.perf_counter() - start):.0f} "
+                  f"img/s (first call {warm:.0f}s)", flush=True)
+
+    if args.pipeline:
+        pipeline(args, src, ckpt)
+
+
+def pipeline(args, src: list[str], ckpt: str) -> None:
+    """The whole job on a local Ray; with several input counts, also the marginal rate between the
+    last two (start-up, actor start and model load cancel out; list a count twice to run once with a
+    cold and once with a warm torch.compile cache)."""
+    import ray
+
+    ray.init(include_dashboard=False)
+    counts = args.pipeline_n or [args.n]
+    for compile_ in ([False, True] if args.compile else [False]):
+        for batch in args.batch:
+            timed = []
+            for k, n in enumerate(counts):
+                folder = os.path.join(args.work, f"p-{n}")
+                if not os.path.isdir(folder):
+                    os.makedirs(folder)
+                    for i in range(n):
+                        os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
+                out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}")
+                job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
+                                         f"score.batch_size={batch}", "score.actor_cpus=1", "score.decode_batch=64",
+                                         f"score.compile={str(compile_).lower()}"], config.ScoreJob)
+                s = score.run(job)
+                timed.append((n, s.seconds))
+                print(f"pipeline score.run batch {batch} compile {compile_}: {s.images_per_s:.0f} img/s over "
+                      f"{s.scored} sheets ({s.seconds:.1f}s, start-up included)", flush=True)
+            if len(timed) > 1:
+                (n0, t0), (n1, t1) = timed[-2], timed[-1]
+                print(f"pipeline batch {batch} compile {compile_}: marginal {(n1 - n0) / (t1 - t0):.0f} img/s "
+                      f"({n0} -> {n1} sheets)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
