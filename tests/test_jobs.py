@@ -31,9 +31,9 @@ def test_demo_generates_reads_back_and_trains(tmp_path, ray_tmp):
         assert f"  {line} " in run.stdout
     assert (out / "config.yaml").exists() and (out / "data" / "train.csv").exists()
     assert "[4/5] trained simple_cnn for 1 epoch(s)" in run.stdout
-    assert "[5/5] scored: inputs 17: scored 16, errors 1, skipped (already scored) 0" in run.stdout
+    assert "[5/5] scored: inputs 13: scored 12, errors 1, skipped (already scored) 0" in run.stdout
     scores = pd.read_parquet(out / "predictions")
-    assert len(scores) == 17 and scores.source_uri.is_unique
+    assert len(scores) == 13 and scores.source_uri.is_unique
     assert "corrupt.jpg" in scores[scores.error.notna()].source_uri.iloc[0]
     assert f"  checkpoint {out / 'runs' / 'demo' / 'epoch-0001'}" in run.stdout
     assert (out / "runs" / "demo" / "epoch-0001" / "model.safetensors").exists()
