@@ -179,6 +179,9 @@ def main() -> None:
     for n in args.mem_n:
         folder = os.path.join(work, f"mem-{n}")
         fill(folder, sources, n)
+        ray.shutdown()  # a fresh Ray per size, so each baseline is the same idle cluster
+        ray.init(num_cpus=2, include_dashboard=None, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+        time.sleep(5)
         with PeakMemory() as mem:
             s = run_job(folder, mckpt, os.path.join(work, f"out-mem-{n}"), 32, args.threads)
         print(f"  {n:6d} sheets: peak +{mem.above_base_mib:7.0f} MiB above idle, {s.images_per_s:6.1f} img/s, "
