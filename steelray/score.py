@@ -127,11 +127,14 @@ class Plan:
         return f"{self.primary.digest}>{self.segmenter.digest}" if self.cascade else self.primary.digest
 
     @property
+    def models(self) -> list[ModelInfo]:
+        return [self.primary] + ([self.segmenter] if self.segmenter else [])
+
+    @property
     def inputs(self) -> list[Preprocess]:
         """The distinct model inputs to decode each image into (one, or two for a cascade)."""
-        models = [self.primary] + ([self.segmenter] if self.segmenter else [])
         out: list[Preprocess] = []
-        for m in models:
+        for m in self.models:
             if not any(_same_input(m.preprocess, p) for p in out):
                 out.append(m.preprocess)
         return out
@@ -328,7 +331,7 @@ class Scorer:
         self.bf16 = self.device.type == "cuda"
         self.schema = plan.schema()
         self.models = {}
-        for info in [plan.primary] + ([plan.segmenter] if plan.segmenter else []):
+        for info in plan.models:
             module, _ = checkpoint.load_model(info.uri, s3, device)
             module = module.to(memory_format=torch.channels_last)
             self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
