@@ -3,7 +3,7 @@
     python benchmarks/train_gpu.py [--n 1024] [--batch 32] [--loader-workers 14]
 
 Runs the training worker's own pieces (``train.SheetDataset`` with the ``light`` preset in DataLoader
-processes, ``train._train_epoch`` with bf16 autocast and channels_last) in one process, without Ray
+processes, ``train.train_epoch`` with bf16 autocast and channels_last) in one process, without Ray
 Train around it: the figure is what one Ray Train GPU worker's loop can do. Also times the same
 steps on one batch already on the GPU, to show whether the data path or the model is the limit.
 Sheets: synthetic Severstal 1600x256 JPEGs.
@@ -42,7 +42,7 @@ def main() -> None:
         f"data.root={written.root}", f"model.name={args.model}", "input.size=[256,1600]", "input.crop=[]",
         "input.augment=light", f"train.batch_size={args.batch}", "data.verify_images=false"])
     manifest = data.build_manifest(cfg)
-    records = train._records(manifest, cfg.task)
+    records = train.records(manifest, cfg.task)
     pre = models.preprocess_for(cfg)
     device = torch.device("cuda")
     model = models.build_model(cfg, len(manifest.classes)).to(device).to(memory_format=torch.channels_last)
@@ -55,7 +55,7 @@ def main() -> None:
     for epoch in range(2):  # the first includes cuDNN autotuning and worker start-up
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _, seen = train._train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, device, True)
+        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, device, True)
         torch.cuda.synchronize()
         rate = seen / (time.perf_counter() - start)
         print(f"epoch {epoch + 1}: {rate:.0f} img/s through the training loop ({seen} sheets, "

@@ -34,7 +34,7 @@ def plain_loop(cfg: config.Config, manifest: data.Manifest, epochs: int, threads
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     train_m, _ = data.split(manifest, cfg.data)
-    records = train._records(train_m, cfg.task)
+    records = train.records(train_m, cfg.task)
     pre = models.preprocess_for(cfg)
     model = models.build_model(cfg, len(manifest.classes))
     loader = DataLoader(train.SheetDataset(records, cfg.task, presets.build(pre, cfg.input.augment, train=True),
@@ -46,7 +46,7 @@ def plain_loop(cfg: config.Config, manifest: data.Manifest, epochs: int, threads
     rate = 0.0
     for _ in range(epochs):
         start = time.perf_counter()
-        _, seen = train._train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, torch.device("cpu"), False)
+        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, torch.device("cpu"), False)
         rate = seen / (time.perf_counter() - start)
     return rate
 

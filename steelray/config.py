@@ -29,8 +29,8 @@ class ConfigError(ValueError):
 def _f(default: Any, *, min: float | None = None, max: float | None = None, secret: bool = False):
     """A dataclass field with an optional inclusive range; lists get a fresh copy per instance."""
     meta = {"min": min, "max": max, "secret": secret}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -121,6 +121,26 @@ class RayConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A Ray Tune sweep over this training config (``jobs/tune.py``); training ignores this section."""
+
+    name: str = ""                 # sweep folder under ray.storage_path; empty: derived; same name resumes
+    search: Literal["random", "grid", "optuna"] = "random"  # optuna: its TPE sampler (pip install optuna)
+    num_samples: int = _f(0, min=0)  # trials; 0: 5 (random, optuna) or every grid point once (grid)
+    scheduler: Literal["asha", "none"] = "asha"  # asha: stop trials that lag at each rung
+    grace_period: int = _f(1, min=1)       # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = _f(2, min=2)   # ASHA: 1/reduction_factor of the trials go on at each rung
+    max_concurrent: int = _f(0, min=0)     # 0: as many trials as the cluster's CPUs/GPUs hold now
+    seed: int = 0                  # sampler seed
+    space: dict[str, dict] = _f({})  # "section.key": {loguniform|uniform|int: [lo, hi]} or {choice|grid: [...]};
+                                   # empty: the Optuna study's lr, batch size, frozen stages, scheduler
+
+
+SPACE_KINDS = ("loguniform", "uniform", "int", "choice", "grid")
+SPACE_SECTIONS = ("model", "input", "train")  # data and ray stay fixed: every trial sees the same split
+
+
+@dataclass
 class ScoreConfig:
     """The nightly scoring job (``jobs/score.py``): what to score, with which checkpoint(s), where to."""
 
@@ -161,6 +181,7 @@ class Config:
     input: InputConfig = field(default_factory=InputConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -199,8 +220,8 @@ def to_dict(cfg: Any, *, redact: bool = True) -> dict:
             value = to_dict(value, redact=redact)
         elif redact and f.metadata.get("secret") and value:
             value = SECRET_MASK
-        elif isinstance(value, list):
-            value = list(value)
+        elif isinstance(value, (list, dict)):
+            value = type(value)(value)
         out[f.name] = value
     return out
 
@@ -270,6 +291,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: "
                               f"{', '.join(map(str, choices))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -351,3 +376,47 @@ def _check_consistency(cfg: Any) -> None:
             raise ConfigError(f"input.{name}: expected [height, width] of at least 8 each, got {value}")
     if not cfg.input.size:
         raise ConfigError("input.size: required, e.g. [224, 224] or [256, 1600]")
+    _check_space(cfg)
+
+
+def _check_space(cfg: Config) -> None:
+    """Every tune.space entry names a model/input/train key, has a known form, and each of its
+    end points or choices makes a valid training config."""
+    t = cfg.tune
+    base = None
+    for name, spec in t.space.items():
+        key = f"tune.space.{name}"
+        section, _, field_name = name.partition(".")
+        if section not in SPACE_SECTIONS or "." in field_name or not field_name:
+            raise ConfigError(f"{key}: expected section.key with section one of {', '.join(SPACE_SECTIONS)} "
+                              "(data and ray stay fixed across trials), e.g. train.lr")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(f"{key}: expected one of {{{': [...]}, {'.join(SPACE_KINDS)}: [...]}}, got {spec!r}")
+        (kind, values), = spec.items()
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{key}: {kind} needs a non-empty list, got {values!r}")
+        if kind in ("loguniform", "uniform", "int"):
+            try:  # YAML reads 1e-5 (no dot) as a string
+                values = [_coerce(v, int if kind == "int" else float, key) for v in values]
+            except ConfigError:
+                values = None
+            if (values is None or len(values) != 2 or not values[0] < values[1]
+                    or (kind == "loguniform" and values[0] <= 0)):
+                raise ConfigError(f"{key}: {kind} needs [low, high] with low < high"
+                                  f"{' and low > 0' if kind == 'loguniform' else ''}"
+                                  f"{' (integers)' if kind == 'int' else ''}, got {values}")
+            if t.search == "grid":
+                raise ConfigError(f"{key}: tune.search=grid tries listed values only; write "
+                                  f"{{grid: [...]}} or {{choice: [...]}} instead of {kind}")
+        if kind == "grid" and t.search == "optuna":
+            raise ConfigError(f"{key}: tune.search=optuna samples, it cannot take grid; use choice")
+        base = base if base is not None else {k: v for k, v in to_dict(cfg, redact=False).items() if k != "tune"}
+        checked = []
+        for v in values:
+            trial = {**base, section: {**base[section], field_name: v}}
+            try:
+                built = _build(Config, trial, "")
+            except ConfigError as e:
+                raise ConfigError(f"{key}: value {v!r} does not make a valid config: {e}") from None
+            checked.append(getattr(getattr(built, section), field_name))  # typed: "1e-3" -> 0.001
+        t.space[name] = {kind: checked}

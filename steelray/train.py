@@ -39,48 +39,70 @@ class TrainResult:
 
 # --- the driver ---------------------------------------------------------------------------------
 
-def fit(cfg: Config) -> TrainResult:
-    """Train ``cfg`` on the connected Ray cluster (or a local one); returns the best checkpoint."""
+@dataclass
+class Prepared:
+    """The labelled set, read once on the driver: class names and each split's records."""
+
+    classes: list[str]
+    train: list[dict]
+    val: list[dict]
+    summary: str
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Build the manifest and split it (checks every image when ``data.verify_images``)."""
+    manifest = data.build_manifest(cfg)
+    train_m, val_m = data.split(manifest, cfg.data)
+    return Prepared(manifest.classes, records(train_m, cfg.task), records(val_m, cfg.task), manifest.summary())
+
+
+def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainResult:
+    """Train ``cfg`` on the connected Ray cluster (or a local one); returns the best checkpoint.
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     metric = target_metric(cfg)
-    manifest = data.build_manifest(cfg)
-    train_m, val_m = data.split(manifest, cfg.data)
+    prepared = prepared or prepare(cfg)
     run_name = cfg.ray.run_name or f"{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = replace(cfg, ray=replace(cfg.ray, run_name=run_name))
-    storage_uri = _storage_uri(cfg.ray.storage_path)
+    storage_uri = absolute_storage(cfg.ray.storage_path)
     run_uri = storage.join(storage_uri, run_name)
     config.save(cfg, storage.join(run_uri, "config.yaml"))
-    print(f"training {cfg.task} {cfg.model.name} on {len(train_m)} images, validating on {len(val_m)} "
-          f"({manifest.summary()}); run folder {run_uri}", flush=True)
+    print(f"training {cfg.task} {cfg.model.name} on {len(prepared.train)} images, validating on "
+          f"{len(prepared.val)} ({prepared.summary}); run folder {run_uri}", flush=True)
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
-    storage_path, storage_fs = _ray_storage(storage_uri, cfg)
-    loop_config = {"config": config.to_dict(cfg, redact=False), "classes": manifest.classes,
-                   "train": _records(train_m, cfg.task), "val": _records(val_m, cfg.task), "run_uri": run_uri}
+    storage_path, storage_fs = ray_storage(storage_uri, cfg)
+    loop_config = {"config": config.to_dict(cfg, redact=False), "classes": prepared.classes,
+                   "train": prepared.train, "val": prepared.val, "run_uri": run_uri}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                               checkpoint_score_order="min" if metric.endswith("loss") else "max"),
+                                               checkpoint_score_order=mode(metric)),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     result = trainer.fit()
     best, best_metrics = max(result.best_checkpoints or [],
-                             key=lambda cm: -cm[1][metric] if metric.endswith("loss") else cm[1][metric],
+                             key=lambda cm: cm[1][metric] if mode(metric) == "max" else -cm[1][metric],
                              default=(None, {}))
     if best is None:
         raise RuntimeError(f"run {run_uri} finished without a checkpoint")
     best_uri = f"s3://{best.path}" if storage.is_s3(storage_uri) else best.path
     storage.write_text(storage.join(run_uri, "best_checkpoint.txt"), best_uri + "\n", cfg.s3)
     return TrainResult(run_uri, best_uri, best_metrics, int(result.metrics.get("epoch", 0)))
+
+
+def mode(metric: str) -> str:
+    """Whether a reported metric is better high (``max``) or low (``min``: the losses)."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 def target_metric(cfg: Config) -> str:
@@ -92,11 +114,11 @@ def target_metric(cfg: Config) -> str:
     return metric
 
 
-def _storage_uri(path: str) -> str:
+def absolute_storage(path: str) -> str:
     return path if storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
 
 
-def _ray_storage(uri: str, cfg: Config):
+def ray_storage(uri: str, cfg: Config):
     """Ray wants a bare ``bucket/prefix`` plus a filesystem that knows the endpoint, for S3."""
     if not storage.is_s3(uri):
         return uri, None
@@ -115,7 +137,7 @@ def _ray_storage(uri: str, cfg: Config):
     return uri[len("s3://"):], pafs.S3FileSystem(**kwargs)
 
 
-def _records(m: data.Manifest, task: str) -> list[dict]:
+def records(m: data.Manifest, task: str) -> list[dict]:
     targets = m.targets(task)
     return [{"image_id": r.image_id, "uri": r.uri, "target": t.tolist() if hasattr(t, "tolist") else t,
              "rles": list(r.rles) if r.rles is not None else None}
@@ -290,8 +312,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss, seen = _train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, device, bf16)
+        train_loss, seen = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, device, bf16)
         elapsed = time.perf_counter() - started
+        if not math.isfinite(train_loss):  # before validation, whose metrics cannot take NaN scores
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {train_loss} "
+                                     f"(lr {cfg.train.lr}); lower train.lr or enable train.grad_clip")
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "train_images_per_s": seen * world / elapsed, "resumed_from_epoch": resumed_from}
         if rank == 0:
@@ -311,15 +336,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
         else:
             ray.train.report(row)
-        if not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {row['train_loss']} "
-                                     f"(lr {cfg.train.lr}); lower train.lr or enable train.grad_clip")
     if rank == 0 and history:
         pick = min if metric.endswith("loss") else max
         log.info("best %s: %.4g", metric, pick(h[metric] for h in history))
 
 
-def _train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, device, bf16: bool):
+def train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, device, bf16: bool):
     model.train()
     total, seen = 0.0, 0
     accum = cfg.train.accum_steps

@@ -102,7 +102,8 @@ def ray_local(tmp_path_factory):
     """One local Ray (2 CPUs) for the whole session, in its own temp dir so no stale cluster is joined."""
     import ray
 
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
+    ray.init(num_cpus=2, resources={"trial_driver": 4},  # Tune trial drivers run on this, not on CPUs
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
     yield ray
     ray.shutdown()
