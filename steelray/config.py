@@ -376,6 +376,12 @@ def _check_consistency(cfg: Any) -> None:
             raise ConfigError(f"input.{name}: expected [height, width] of at least 8 each, got {value}")
     if not cfg.input.size:
         raise ConfigError("input.size: required, e.g. [224, 224] or [256, 1600]")
+    if cfg.task == "segmentation":
+        for name in ("size", "crop"):
+            value = getattr(cfg.input, name)
+            if value and any(v % 32 for v in value):
+                raise ConfigError(f"input.{name}: a segmenter's encoder halves the image 5 times, so height and "
+                                  f"width must be multiples of 32; got {value}")
     _check_space(cfg)
 
 

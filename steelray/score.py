@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from steelray import checkpoint, rle, storage
+from steelray import checkpoint, metrics, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
 from steelray.data import SEVERSTAL_SIZE, DataError, decode_image
 from steelray.models import Preprocess
@@ -77,8 +77,9 @@ class ModelInfo:
     thresholds: tuple[float, ...]
     preprocess: Preprocess
     name: str                       # e.g. resnet18, unet-resnet34
-    digest: str                     # sha256 of the weights, first 16 hex digits
+    digest: str                     # sha256 of the weights and decision settings, first 16 hex digits
     data_format: str
+    min_area: tuple[int, ...] = ()  # segmenters: per class, calibrated by jobs/evaluate.py (empty: 0)
 
     @property
     def segmenter(self) -> bool:
@@ -95,10 +96,14 @@ def describe(uri: str, s3: S3Config | None = None) -> ModelInfo:
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
-    return ModelInfo(uri=uri, task=task, classes=classes, thresholds=tuple(meta["thresholds"]),
+    thresholds, min_area = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
+    # The digest names the model version in the output: recalibrated thresholds make a new version,
+    # so a rerun after calibration scores again instead of skipping what the old thresholds labelled.
+    decision = json.dumps({"thresholds": thresholds, "min_area": min_area}).encode()
+    return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
                      preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
-                     digest=hashlib.sha256(weights).hexdigest()[:16],
-                     data_format=meta.get("config", {}).get("data", {}).get("format", ""))
+                     digest=hashlib.sha256(weights + decision).hexdigest()[:16],
+                     data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area)
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
         expect = SEVERSTAL_SIZE
     else:
         expect = None
-    return Plan(primary, segmenter, expect, tuple(sc.min_area) or (0,) * len(final.classes))
+    return Plan(primary, segmenter, expect, tuple(sc.min_area) or final.min_area or (0,) * len(final.classes))
 
 
 # --- inputs and what is already done -------------------------------------------------------------
@@ -423,8 +428,8 @@ class Scorer:
 
 def classify(info: ModelInfo, probs: np.ndarray) -> tuple[list[str], bool]:
     """(labels, any_defect) of one image from a classifier's probabilities and thresholds."""
-    if info.task == "multiclass":
-        label = info.classes[int(np.argmax(probs))]
+    if info.task == "multiclass":  # argmax, unless a calibrated class threshold says otherwise
+        label = info.classes[int(metrics.decide("multiclass", probs[None], info.thresholds)[0])]
         return [label], label.lower() not in NO_DEFECT_NAMES
     found = [c for c, p, t in zip(info.classes, probs, info.thresholds) if p >= t]
     return found, bool(found)

@@ -83,7 +83,7 @@ def run(cfg: Config) -> SweepResult:
             trainable, param_space=params,
             tune_config=ray_tune.TuneConfig(
                 metric=metric, mode=train.mode(metric), num_samples=num_samples(cfg.tune),
-                search_alg=search_algorithm(cfg.tune, metric), scheduler=scheduler(cfg, metric),
+                search_alg=search_algorithm(cfg.tune, metric, concurrent), scheduler=scheduler(cfg, metric),
                 max_concurrent_trials=concurrent),
             run_config=ray_tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                                           failure_config=ray_tune.FailureConfig(max_failures=0)))
@@ -162,7 +162,9 @@ def num_samples(t: config.TuneConfig) -> int:
     return 1 if t.search == "grid" or any("grid" in s for s in t.space.values()) else DEFAULT_SAMPLES
 
 
-def search_algorithm(t: config.TuneConfig, metric: str):
+def search_algorithm(t: config.TuneConfig, metric: str, concurrent: int = 0):
+    """Tune's search algorithm; ``concurrent`` caps running trials (Tune's own max_concurrent_trials
+    is not applied to a BasicVariantGenerator that is passed in, so it is set here too)."""
     if t.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -173,7 +175,7 @@ def search_algorithm(t: config.TuneConfig, metric: str):
         return OptunaSearch(metric=metric, mode=train.mode(metric), seed=t.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrent)
 
 
 def scheduler(cfg: Config, metric: str):

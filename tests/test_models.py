@@ -66,7 +66,10 @@ def test_pretrained_from_a_weights_file_local_and_s3(tmp_path, bucket):
 
 
 def test_pretrained_without_hub_or_file_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported ...
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # ... which may have happened
     with pytest.raises(ModelError, match="could not download resnet18 weights.*set model.weights"):
         models.build_model(cfg_for("model.name=resnet18", "model.pretrained=true"), 4)
     with pytest.raises(ModelError, match="model.weights: .*missing.pt not found"):
