@@ -247,6 +247,8 @@ def calibrate_classifier(task: str, probs: np.ndarray, targets: np.ndarray, clas
         if name in min_recall:
             policy[c] = f"recall >= {min_recall[name]:g}"
             thresholds[c] = _threshold_for_recall(task, probs, onehot, thresholds, c, min_recall[name])
+            if task == "multiclass" and thresholds[c] >= 0.5:  # above 0.5 a class is the argmax anyway
+                thresholds[c], policy[c] = 0.5, f"recall >= {min_recall[name]:g}: argmax meets it"
         elif task != "multiclass":
             thresholds[c] = _threshold_max_f1(probs.reshape(len(probs), -1)[:, c], onehot[:, c])
     curves = tradeoff_curves(task, probs, onehot, thresholds)

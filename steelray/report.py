@@ -94,7 +94,7 @@ def plot_confusion(ev):
     if ev.task == "multiclass":
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(1.1 * len(ev.classes) + 2.5, 1.0 * len(ev.classes) + 2))
+        fig, ax = plt.subplots(figsize=(0.7 * len(ev.classes) + 2.5, 0.6 * len(ev.classes) + 2))
         ConfusionMatrixDisplay(cm, display_labels=ev.classes).plot(ax=ax, cmap="Blues", colorbar=False,
                                                                    xticks_rotation=45)
         ax.set_title("Confusion matrix (rows: true class)")
@@ -377,6 +377,7 @@ h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2
 table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+table.card td { text-align: left; }
 .headline { display: flex; gap: 1rem; flex-wrap: wrap; }
 .headline div { background: #f3f5f8; padding: .6rem 1rem; border-radius: 6px; }
 .headline b { display: block; font-size: 1.4rem; }
@@ -394,14 +395,14 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { color: #
 </div>
 
 <h2>Model card</h2>
-<table>
+<table class="card">
 <tr><th>task</th><td>{{ s.task }}: {{ s.classes | join(", ") }}</td></tr>
 <tr><th>model</th><td>{{ s.model.name }}{% if s.task == "segmentation" %} ({{ s.model.arch }}){% endif %}, input {{ preprocess.size | join("x") }}, {{ preprocess.in_chans }} channel(s)</td></tr>
 <tr><th>training data</th><td>{{ train_cfg.data.format }} at <code>{{ train_cfg.data.root }}</code>, validation fraction {{ train_cfg.data.val_fraction }}, seed {{ train_cfg.data.seed }}</td></tr>
 <tr><th>training</th><td>{{ train_cfg.train.epochs }} epochs, batch {{ train_cfg.train.batch_size }} x {{ train_cfg.ray.num_workers }} workers, lr {{ train_cfg.train.lr }}, {{ train_cfg.train.scheduler }} schedule, augmentation {{ train_cfg.input.augment }}, label smoothing {{ train_cfg.train.label_smoothing }}</td></tr>
 <tr><th>evaluation set</th><td>{% for c, n in s.data.class_counts.items() %}{{ c }}: {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
 <tr><th>thresholds</th><td>{% for ch in s.calibration.chosen %}{{ ch["class"] }} {{ "%.3f" | format(ch.threshold) }}{% if ch.min_area is defined %} / area {{ ch.min_area }}{% endif %} ({{ ch.policy }}){% if not loop.last %}; {% endif %}{% endfor %}</td></tr>
-<tr><th>known weaknesses</th><td style="text-align:left"><ul>{% for w in s.weaknesses %}<li>{{ w }}</li>{% endfor %}</ul></td></tr>
+<tr><th>known weaknesses</th><td><ul>{% for w in s.weaknesses %}<li>{{ w }}</li>{% endfor %}</ul></td></tr>
 </table>
 
 <h2>Metrics</h2>
