@@ -33,7 +33,7 @@ def main(argv=None) -> int:
                    help="keep recall >= R for CLASS (repeatable), e.g. 1=0.95 or crazing=0.98")
     p.add_argument("--write-thresholds", action="store_true",
                    help="store the calibrated thresholds in the checkpoint's meta.json (the old one is kept)")
-    p.add_argument("--no-robustness", action="store_true", help="skip the glare/dim/blur/noise passes")
+    p.add_argument("--no-robustness", action="store_true", help="skip the glare/dim/crushed/blur/noise passes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")

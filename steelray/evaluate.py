@@ -8,7 +8,7 @@ probabilities are kept, so thresholds can be calibrated and metrics recomputed a
 without another pass. Segmenters keep, per image and class, the predicted area and overlap at a set
 of candidate pixel thresholds (at the sheet's own size, as scoring computes masks), enough for
 Kaggle's Dice at any threshold and minimum area. Robustness re-runs the set under glare, dimming,
-blur and noise. ``report.write`` turns the result into ``report.html`` and ``metrics.json``.
+under-exposure, blur and noise. ``report.write`` turns the result into ``report.html`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -364,9 +364,14 @@ def write_back(ev: Evaluation) -> str:
 
 # --- robustness ---------------------------------------------------------------------------------
 
+# glare adds stray light (an offset) and washes out contrast; dimming is less light, which scales every
+# pixel down (darker, and its contrast falls with it). "crushed" is a darker exposure than any plant
+# camera should run at: -30% of full scale with contrast -30% sends every pixel below 43% grey to
+# black (12-82% of a NEU image), erasing dark defects; it is reported, not part of the gap.
 CONDITIONS = {
-    "glare": "brighter (+30%) and washed out (contrast -30%)",
-    "dim": "darker (-30%) and lower contrast (-30%)",
+    "glare": "stray light: +30% of full scale, contrast -30%",
+    "dim": "30% less light: every pixel x0.7",
+    "crushed": "under-exposed: -30% of full scale, contrast -30% (pixels below 43% grey clip to black)",
     "blur": "Gaussian blur, sigma 2 px",
     "noise": "Gaussian noise, sigma 8% of full scale",
 }
@@ -379,6 +384,8 @@ def perturb_image(image: np.ndarray, condition: str, seed: int = 0) -> np.ndarra
     if condition == "glare":
         t = A.RandomBrightnessContrast(brightness_limit=(0.3, 0.3), contrast_limit=(-0.3, -0.3), p=1)
     elif condition == "dim":
+        t = A.MultiplicativeNoise(multiplier=(0.7, 0.7), per_channel=False, elementwise=False, p=1)
+    elif condition == "crushed":
         t = A.RandomBrightnessContrast(brightness_limit=(-0.3, -0.3), contrast_limit=(-0.3, -0.3), p=1)
     elif condition == "blur":
         t = A.GaussianBlur(blur_limit=(0, 0), sigma_limit=(2.0, 2.0), p=1)

@@ -26,17 +26,19 @@ class Preprocess:
     size: tuple[int, int]          # (height, width) of the model's input at evaluation
     crop: tuple[int, int] | None   # random crop (height, width) for training at full resolution
     in_chans: int
-    mean: tuple[float, ...]        # per channel, on a 0..1 scale
+    mean: tuple[float, ...]        # per channel, on a 0..1 scale (normalize "dataset")
     std: tuple[float, ...]
+    normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels)
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "crop": list(self.crop) if self.crop else None,
-                "in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std)}
+                "in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std),
+                "normalize": self.normalize}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(tuple(d["size"]), tuple(d["crop"]) if d.get("crop") else None, d["in_chans"],
-                   tuple(d["mean"]), tuple(d["std"]))
+                   tuple(d["mean"]), tuple(d["std"]), d.get("normalize", "dataset"))
 
 
 def num_outputs(task: str, num_classes: int) -> int:
@@ -82,7 +84,7 @@ def preprocess_for(cfg: Config) -> Preprocess:
         else:
             mean, std = mean3, std3
     crop = tuple(cfg.input.crop) if cfg.input.crop else None
-    return Preprocess(tuple(cfg.input.size), crop, in_chans, tuple(mean), tuple(std))
+    return Preprocess(tuple(cfg.input.size), crop, in_chans, tuple(mean), tuple(std), cfg.input.normalize)
 
 
 class SimpleCNN(nn.Module):

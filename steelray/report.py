@@ -360,7 +360,7 @@ CAPTIONS = {
     "gradcam": "Grad-CAM over one confidently right image per class.",
     "masks": "Predicted against true masks at the calibrated thresholds.",
     "mistakes": "The most confident mistakes at the calibrated thresholds.",
-    "robustness": "The headline metric on the same images under glare, dimming, blur and noise.",
+    "robustness": "The headline metric on the same images under glare, dimming, under-exposure, blur and noise.",
 }
 
 
@@ -377,7 +377,7 @@ h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2
 table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-table.card td { text-align: left; }
+table.card td, td.text { text-align: left; }
 .headline { display: flex; gap: 1rem; flex-wrap: wrap; }
 .headline div { background: #f3f5f8; padding: .6rem 1rem; border-radius: 6px; }
 .headline b { display: block; font-size: 1.4rem; }
@@ -397,7 +397,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { color: #
 <h2>Model card</h2>
 <table class="card">
 <tr><th>task</th><td>{{ s.task }}: {{ s.classes | join(", ") }}</td></tr>
-<tr><th>model</th><td>{{ s.model.name }}{% if s.task == "segmentation" %} ({{ s.model.arch }}){% endif %}, input {{ preprocess.size | join("x") }}, {{ preprocess.in_chans }} channel(s)</td></tr>
+<tr><th>model</th><td>{{ s.model.name }}{% if s.task == "segmentation" %} ({{ s.model.arch }}){% endif %}, input {{ preprocess.size | join("x") }}, {{ preprocess.in_chans }} channel(s), {% if preprocess.normalize == "image" %}each image normalised to its own mean and std{% else %}fixed mean/std normalisation{% endif %}</td></tr>
 <tr><th>training data</th><td>{{ train_cfg.data.format }} at <code>{{ train_cfg.data.root }}</code>, validation fraction {{ train_cfg.data.val_fraction }}, seed {{ train_cfg.data.seed }}</td></tr>
 <tr><th>training</th><td>{{ train_cfg.train.epochs }} epochs, batch {{ train_cfg.train.batch_size }} x {{ train_cfg.ray.num_workers }} workers, lr {{ train_cfg.train.lr }}, {{ train_cfg.train.scheduler }} schedule, augmentation {{ train_cfg.input.augment }}, label smoothing {{ train_cfg.train.label_smoothing }}</td></tr>
 <tr><th>evaluation set</th><td>{% for c, n in s.data.class_counts.items() %}{{ c }}: {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
@@ -423,7 +423,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { color: #
 <p>Calibrated on this set: {% if s.calibration.min_recall %}minimum recall {% for c, r in s.calibration.min_recall.items() %}{{ c }} &ge; {{ r }}{% if not loop.last %}, {% endif %}{% endfor %}; other classes {% endif %}{{ "best Dice per class" if s.task == "segmentation" else ("argmax" if s.task == "multiclass" else "best F1 per class") }}.</p>
 <table>
 <tr><th>class</th><th>before</th><th>chosen</th><th>policy</th>{% if s.task == "segmentation" %}<th>min area before</th><th>min area</th><th>Dice</th><th>detection recall</th>{% else %}<th>precision</th><th>recall</th><th>F1</th>{% endif %}</tr>
-{% for ch in s.calibration.chosen %}<tr><td>{{ ch["class"] }}</td><td>{{ fmt(s.calibration.before[loop.index0]) }}</td><td>{{ fmt(ch.threshold) }}</td><td>{{ ch.policy }}</td>
+{% for ch in s.calibration.chosen %}<tr><td>{{ ch["class"] }}</td><td>{{ fmt(s.calibration.before[loop.index0]) }}</td><td>{{ fmt(ch.threshold) }}</td><td class="text">{{ ch.policy }}</td>
 {% if s.task == "segmentation" %}<td>{{ s.calibration.min_area_before[loop.index0] }}</td><td>{{ ch.min_area }}</td><td>{{ fmt(ch.dice) }}</td><td>{{ fmt(ch.recall) }}</td>{% else %}<td>{{ fmt(ch.precision) }}</td><td>{{ fmt(ch.recall) }}</td><td>{{ fmt(ch.f1) }}</td>{% endif %}</tr>
 {% endfor %}
 </table>
@@ -436,7 +436,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { color: #
 <table>
 <tr><th>condition</th><th>what</th><th>{{ s.robustness.metric }}</th><th>drop</th></tr>
 <tr><td>clean</td><td></td><td>{{ fmt(s.robustness.clean) }}</td><td></td></tr>
-{% for name, r in s.robustness.conditions.items() %}<tr><td>{{ name }}</td><td>{{ r.what }}</td><td>{{ fmt(r[s.robustness.metric]) }}</td><td>{{ fmt(r.drop) }}</td></tr>
+{% for name, r in s.robustness.conditions.items() %}<tr><td>{{ name }}</td><td class="text">{{ r.what }}</td><td>{{ fmt(r[s.robustness.metric]) }}</td><td>{{ fmt(r.drop) }}</td></tr>
 {% endfor %}
 </table>
 {% endif %}
@@ -476,7 +476,7 @@ def render(ev: evaluate.Evaluation, summary: dict, pngs: dict) -> str:
     train_cfg = ev.cfg if ev.cfg else None
     return env.from_string(TEMPLATE).render(
         s=_jsonable(summary), headline=headline, overall=overall, per_class_cols=cols, fmt=_fmt,
-        preprocess=ev.meta["preprocess"], train_cfg=_Attr(ev.meta["config"]) if train_cfg else None,
+        preprocess=models.Preprocess.from_dict(ev.meta["preprocess"]).to_dict(), train_cfg=_Attr(ev.meta["config"]) if train_cfg else None,
         images=[(n, base64.b64encode(p).decode()) for n, p in pngs.items()], captions=CAPTIONS)
 
 

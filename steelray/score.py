@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from steelray import checkpoint, metrics, rle, storage
+from steelray import checkpoint, metrics, presets, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
 from steelray.data import SEVERSTAL_SIZE, DataError, decode_image
 from steelray.models import Preprocess
@@ -348,10 +348,7 @@ class Scorer:
         with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()   # NCHW view with channels_last strides
-        mean = torch.tensor(p.mean, device=self.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(p.std, device=self.device).view(1, -1, 1, 1) * 255
-        x = (x - mean) / std
+        x = presets.normalize_batch(x.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             logits = self.models[info.uri](x).float()
         if info.task == "multiclass":

@@ -51,6 +51,17 @@ def test_decision_rule_argmax_unless_a_class_threshold_is_reached():
     assert metrics.decide("multilabel", probs, [0.5, 0.2, 0.5]).tolist() == [[1, 1, 0], [0, 0, 1]]
 
 
+def test_lighting_conditions_by_hand():
+    """glare: 0.7x + 76.5 (no clipping); dim: 0.7x; crushed: 0.7x - 76.5 clipped at 0."""
+    x = np.array([[0, 50, 100, 150, 200, 255]], np.uint8)[..., None]
+    got = {c: evaluate.perturb_image(x, c).ravel().astype(int) for c in ("glare", "dim", "crushed")}
+    assert np.abs(got["glare"] - (0.7 * x.ravel() + 76.5)).max() <= 1
+    assert np.abs(got["dim"] - 0.7 * x.ravel()).max() <= 1
+    assert np.abs(got["crushed"] - np.clip(0.7 * x.ravel() - 76.5, 0, 255)).max() <= 1 and got["crushed"][2] == 0
+    with pytest.raises(evaluate.EvaluationError, match="unknown condition 'fog'"):
+        evaluate.perturb_image(x, "fog")
+
+
 def test_mask_metrics_by_hand():
     truth = np.zeros((2, 1, 4, 4), bool)
     truth[0, 0, 0, :] = True                        # image 0: 4 true pixels, image 1: none
@@ -190,7 +201,7 @@ def test_classifier_report_calibrates_writes_back_and_scoring_uses_it(neu_checkp
     assert m["data"]["split"] == "val" and m["data"]["images"] == 30  # half of 60, as the config split it
     assert set(m["metrics"]) >= {"accuracy", "macro_f1", "micro_f1", "roc_auc_macro", "roc_auc_micro",
                                  "pr_auc_macro", "pr_auc_micro", "per_class", "confusion"}
-    assert set(m["robustness"]["conditions"]) == {"glare", "dim", "blur", "noise"}
+    assert set(m["robustness"]["conditions"]) == {"glare", "dim", "crushed", "blur", "noise"}
     assert m["robustness"]["bright_dim_gap"] == pytest.approx(
         abs(m["robustness"]["conditions"]["glare"]["macro_f1"] - m["robustness"]["conditions"]["dim"]["macro_f1"]))
     crazing = next(ch for ch in m["calibration"]["chosen"] if ch["class"] == "crazing")

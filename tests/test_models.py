@@ -77,9 +77,10 @@ def test_pretrained_without_hub_or_file_says_what_to_do(monkeypatch, tmp_path):
                                    f"model.weights={tmp_path / 'missing.pt'}"), 4)
 
 
-def test_augmentation_moves_masks_with_the_image():
+@pytest.mark.parametrize("preset", ["strong", "robust"])
+def test_augmentation_moves_masks_with_the_image(preset):
     pre = models.Preprocess((64, 64), (48, 48), 1, (0.5,), (0.25,))
-    pipeline = presets.build(pre, "strong", train=True)
+    pipeline = presets.build(pre, preset, train=True)
     image = np.full((64, 64, 1), 60, np.uint8)
     mask = np.zeros((64, 64, 2), np.uint8)
     image[10:30, 5:25] = 220
@@ -91,6 +92,33 @@ def test_augmentation_moves_masks_with_the_image():
         assert out["image"].shape == (48, 48, 1) and out["mask"].shape == (48, 48, 2)
         if m.any() and (~m).any():
             assert x[m].mean() > x[~m].mean() + 1.0
+
+
+@pytest.mark.parametrize("normalize", ["dataset", "image"])
+def test_scoring_normalises_a_batch_as_training_does_one_image(normalize):
+    """Scoring normalises uint8 batches on the device; training and evaluation per image through
+    albumentations. The two must agree, or a checkpoint scores differently from how it was trained."""
+    import torch
+
+    pre = models.Preprocess((40, 56), None, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), normalize)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    images[1] = images[1] // 4 + 100  # a dim, low-contrast one
+    batch = presets.normalize_batch(torch.from_numpy(images).permute(0, 3, 1, 2), pre).numpy()
+    one_by_one = np.stack([presets.to_chw(presets.build(pre)(image=im)["image"]) for im in images])
+    assert np.allclose(batch, one_by_one, atol=1e-5)
+    if normalize == "image":  # each image comes out at zero mean and unit std, whatever its lighting
+        assert np.allclose(batch.mean(axis=(1, 2, 3)), 0, atol=1e-4) and np.allclose(batch.std(axis=(1, 2, 3)), 1, atol=1e-3)
+
+
+def test_image_normalisation_removes_a_brightness_and_contrast_change():
+    pre = models.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "image")
+    image = np.random.default_rng(1).integers(60, 180, (32, 32, 1), dtype=np.uint8)
+    darker = (image.astype(np.float32) * 0.7 + 20).round().astype(np.uint8)  # no clipping: exact up to rounding
+    a, b = (presets.build(pre)(image=im)["image"] for im in (image, darker))
+    assert np.abs(a - b).max() < 0.05
+    assert models.Preprocess.from_dict({k: v for k, v in pre.to_dict().items() if k != "normalize"}).normalize == "dataset"
+    assert models.Preprocess.from_dict(pre.to_dict()) == pre
 
 
 def test_eval_pipeline_only_resizes_and_normalises():
