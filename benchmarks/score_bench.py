@@ -132,6 +132,18 @@ def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int) -> sc
     return score.run(job)
 
 
+def steady_rate(output: str) -> float:
+    """Images/s between the model's first and last batch, from the rows' ``scored_at`` (set when a
+    batch leaves the model): the job without its start-up (Ray Data planning, actor start, torch
+    import, checkpoint load) and its tail (the last write, read-back)."""
+    import pyarrow.dataset as pds
+
+    ts = pds.dataset(output, format="parquet", partitioning="hive").to_table(columns=["scored_at"]).column(
+        "scored_at").to_numpy()
+    first = ts.min()
+    return float((ts != first).sum() / ((ts.max() - first) / np.timedelta64(1, "s")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=600, help="sheets for the efficiency comparison")
@@ -164,12 +176,15 @@ def main() -> None:
 
     summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch, args.threads)
     pipeline = summary.images_per_s
+    steady = steady_rate(os.path.join(work, "out-eff"))
     bare = bare_forward(ckpt, decoded, args.batch, args.threads)
     naive = naive_loop(ckpt, sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))[
         :args.naive_n], args.threads)
     print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
           f"{args.n} sheets")
     print(f"  pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
+    print(f"  pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}, "
+          f"steady/naive = {steady / naive:.2f}")
     print(f"  bare forward, pre-decoded       {bare:8.1f} img/s  -> pipeline/bare = {pipeline / bare:.2f}")
     print(f"  naive one-at-a-time loop        {naive:8.1f} img/s  -> pipeline/naive = {pipeline / naive:.2f}",
           flush=True)
