@@ -40,10 +40,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from steelray import checkpoint, metrics, presets, rle, storage
+from steelray import metrics, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
 from steelray.data import SEVERSTAL_SIZE, DataError, decode_image
-from steelray.models import Preprocess
+from steelray.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class ModelInfo:
 
 
 def describe(uri: str, s3: S3Config | None = None) -> ModelInfo:
+    from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
+
     try:
         meta = checkpoint.read_meta(uri, s3)
         weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
@@ -329,9 +331,11 @@ class Scorer:
     def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False):
         import torch
 
+        from steelray import checkpoint, presets
+
         if threads:
             torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.presets = torch, presets
         self.plan, self.device = plan, torch.device(device)
         self.bf16 = self.device.type == "cuda"
         self.schema = plan.schema()
@@ -348,7 +352,7 @@ class Scorer:
         with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = presets.normalize_batch(x.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
+        x = self.presets.normalize_batch(x.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             logits = self.models[info.uri](x).float()
         if info.task == "multiclass":
