@@ -13,7 +13,7 @@ import numpy as np
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import otherwise
 import albumentations as A  # noqa: E402
 
-from steelray.models import Preprocess  # noqa: E402
+from steelray.preprocess import Preprocess  # noqa: E402
 
 PRESETS = ("none", "light", "medium", "strong", "robust")
 
@@ -41,14 +41,13 @@ def _augmentations(preset: str, square: bool) -> list:
     if preset == "none":
         return []
     out = [A.HorizontalFlip()]
-    if preset in ("medium", "strong"):
-        out += [A.VerticalFlip(), A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
-        if square:
-            out.append(A.RandomRotate90())
-    if preset == "robust":  # medium, plus the field's lighting range (+-30%), blur and sensor noise
-        out += [A.VerticalFlip(), A.RandomBrightnessContrast(0.3, 0.3, p=0.6),
-                A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 2.0), p=0.25),
-                A.GaussNoise(std_range=(0.02, 0.1), p=0.25)]
+    if preset in ("medium", "strong", "robust"):
+        robust = preset == "robust"  # medium, plus the field's lighting range (+-30%), blur and sensor noise
+        limit, p = (0.3, 0.6) if robust else (0.2, 0.5)
+        out += [A.VerticalFlip(), A.RandomBrightnessContrast(limit, limit, p=p)]
+        if robust:
+            out += [A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 2.0), p=0.25),
+                    A.GaussNoise(std_range=(0.02, 0.1), p=0.25)]
         if square:
             out.append(A.RandomRotate90())
     if preset == "strong":
