@@ -1,14 +1,17 @@
 """GPU scoring figures: resnet50 on full 256x1600 sheets in bf16, and JPEG decode alone.
 
-    python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--pipeline]
+    python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--precision bf16-mixed bf16]
+                                   [--pipeline] [--actor-gpus 1 0.5]
 
 Measured with the scoring job's own pieces, side by side in one run:
 - decode: ``score.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
   ``--workers`` processes, images/s; and PIL decode alone in one process;
-- model: ``score.Scorer`` (the actor class: uint8 -> GPU, normalise, bf16 channels_last forward,
-  per-class thresholds, output rows) on batches already decoded, images/s; and the bare forward pass
-  on the same tensors already on the GPU (the ceiling);
-- ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed).
+- model: ``score.Scorer`` (the actor class: uint8 -> GPU, normalise, channels_last forward in each
+  ``--precision`` (``score.precision``: bf16 autocast, or weights and inputs in bf16), per-class
+  thresholds, output rows) on batches already decoded, images/s; and the bare forward pass on the
+  same tensors already on the GPU (the ceiling); cuDNN autotuning is on, as in the actor;
+- ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed), for each
+  precision and each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU).
 
 Sheets are synthetic Severstal 1600x256 JPEGs (``--unique`` distinct, repeated up to ``--n``).
 """
@@ -64,7 +67,9 @@ def main() -> None:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--batch", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--precision", nargs="*", default=["bf16-mixed"], choices=["bf16-mixed", "bf16", "fp32"])
     ap.add_argument("--pipeline", action="store_true")
+    ap.add_argument("--actor-gpus", type=float, nargs="*", default=[1.0], help="GPU share per model actor")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
     ap.add_argument("--only-pipeline", action="store_true", help="skip the decode and model-alone figures")
     ap.add_argument("--pipeline-n", type=int, nargs="*", default=[],
@@ -97,15 +102,16 @@ def main() -> None:
           flush=True)
 
     plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
-    scorer = score.Scorer(plan, None, "cuda", 0)
     images = np.stack([data.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
-    model = scorer.models[ckpt]
-    for batch in args.batch:
+    for precision, batch in ((p, b) for p in args.precision for b in args.batch):
+        scorer = score.Scorer(plan, None, "cuda", 0, precision=precision)
+        model = scorer.models[ckpt]
         reps = max(1, args.n // batch)
         idx = [np.arange(i * batch, (i + 1) * batch) % len(images) for i in range(reps)]
         gpu = torch.from_numpy(images[idx[0]]).cuda()
         x = ((gpu.permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        x = x.to(scorer.dtype)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=scorer.autocast):
             for _ in range(3):
                 model(x)
             torch.cuda.synchronize()
@@ -124,7 +130,7 @@ def main() -> None:
         rows = sum(scorer(b).num_rows for b in batches)
         torch.cuda.synchronize()
         actor = rows / (time.perf_counter() - start)
-        print(f"{args.model} 256x1600 bf16 batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s; "
+        print(f"{args.model} 256x1600 {precision} batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s; "
               f"Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s", flush=True)
 
     if args.compile:
@@ -133,13 +139,14 @@ def main() -> None:
         batch = args.batch[-1]
         x = torch.from_numpy(images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:])))
         x = ((x.cuda().permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
+        x = x.to(scorer.dtype)  # the last --precision's model
         for label, freezing, mode in [("compile", False, None), ("compile+freezing", True, None),
                                       ("compile+freezing max-autotune-no-cudagraphs", True, "max-autotune-no-cudagraphs")]:
             inductor.freezing = freezing
             torch._dynamo.reset()
             compiled = torch.compile(model, mode=mode)
             start = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=scorer.autocast):
                 compiled(x)
                 torch.cuda.synchronize()
                 warm = time.perf_counter() - start
@@ -151,7 +158,7 @@ def main() -> None:
                 for _ in range(reps):
                     compiled(x)
                 torch.cuda.synchronize()
-            print(f"{args.model} 256x1600 bf16 batch {batch}: {label}: {reps * batch / (time.perf_counter() - start):.0f} "
+            print(f"{args.model} 256x1600 {precision} batch {batch}: {label}: {reps * batch / (time.perf_counter() - start):.0f} "
                   f"img/s (first call {warm:.0f}s)", flush=True)
 
     if args.pipeline:
@@ -162,31 +169,34 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
     """The whole job on a local Ray; with several input counts, also the marginal rate between the
     last two (start-up, actor start and model load cancel out; list a count twice to run once with a
     cold and once with a warm torch.compile cache)."""
+    import itertools
+
     import ray
 
     ray.init(include_dashboard=False)
     counts = args.pipeline_n or [args.n]
-    for compile_ in ([False, True] if args.compile else [False]):
-        for batch in args.batch:
-            timed = []
-            for k, n in enumerate(counts):
-                folder = os.path.join(args.work, f"p-{n}")
-                if not os.path.isdir(folder):
-                    os.makedirs(folder)
-                    for i in range(n):
-                        os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
-                out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}")
-                job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
-                                         f"score.batch_size={batch}", "score.actor_cpus=1", "score.decode_batch=64",
-                                         f"score.compile={str(compile_).lower()}"], config.ScoreJob)
-                s = score.run(job)
-                timed.append((n, s.seconds))
-                print(f"pipeline score.run batch {batch} compile {compile_}: {s.images_per_s:.0f} img/s over "
-                      f"{s.scored} sheets ({s.seconds:.1f}s, start-up included)", flush=True)
-            if len(timed) > 1:
-                (n0, t0), (n1, t1) = timed[-2], timed[-1]
-                print(f"pipeline batch {batch} compile {compile_}: marginal {(n1 - n0) / (t1 - t0):.0f} img/s "
-                      f"({n0} -> {n1} sheets)", flush=True)
+    for compile_, precision, share, batch in itertools.product([False, True] if args.compile else [False],
+                                                               args.precision, args.actor_gpus, args.batch):
+        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share}"
+        timed = []
+        for k, n in enumerate(counts):
+            folder = os.path.join(args.work, f"p-{n}")
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                for i in range(n):
+                    os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
+            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}")
+            job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
+                                     f"score.batch_size={batch}", "score.actor_cpus=1", "score.decode_batch=64",
+                                     f"score.compile={str(compile_).lower()}", f"score.precision={precision}",
+                                     f"score.actor_gpus={share}"], config.ScoreJob)
+            s = score.run(job)
+            timed.append((n, s.seconds))
+            print(f"pipeline score.run {label}: {s.images_per_s:.0f} img/s over {s.scored} sheets "
+                  f"({s.seconds:.1f}s, start-up included)", flush=True)
+        if len(timed) > 1:
+            (n0, t0), (n1, t1) = timed[-2], timed[-1]
+            print(f"pipeline {label}: marginal {(n1 - n0) / (t1 - t0):.0f} img/s ({n0} -> {n1} sheets)", flush=True)
 
 
 if __name__ == "__main__":

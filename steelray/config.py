@@ -157,11 +157,14 @@ class ScoreConfig:
                                    # checkpoints trained on Severstal, any size otherwise
     min_area: list[int] = _f([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
     batch_size: int = _f(16, min=1)      # images per model call
-    actors: int = _f(0, min=0)           # model actors; 0: one per GPU, else 1
+    actors: int = _f(0, min=0)           # model actors; 0: one per actor_gpus of each GPU, else 1
+    actor_gpus: float = _f(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
     actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     compile: bool = False          # torch.compile the model(s) in each actor: ~20 s start, then faster on GPU
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on
+                                   # CPU; bf16-mixed: autocast; bf16: weights and inputs in bfloat16
     decode_batch: int = _f(32, min=1)    # images per read+decode task
     read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
     rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)

@@ -328,7 +328,8 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
 class Scorer:
     """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
 
-    def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False):
+    def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False,
+                 precision: str = "auto"):
         import torch
 
         from steelray import checkpoint, presets
@@ -337,12 +338,17 @@ class Scorer:
             torch.set_num_threads(threads)
         self.torch, self.presets = torch, presets
         self.plan, self.device = plan, torch.device(device)
-        self.bf16 = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "bf16-mixed" if self.device.type == "cuda" else "fp32"
+        self.autocast = precision == "bf16-mixed"
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         self.schema = plan.schema()
         self.models = {}
         for info in plan.models:
             module, _ = checkpoint.load_model(info.uri, s3, device)
-            module = module.to(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
             self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
 
     def _forward(self, info: ModelInfo, images: np.ndarray):
@@ -353,7 +359,8 @@ class Scorer:
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = self.presets.normalize_batch(x.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+        x = x.to(self.dtype)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.models[info.uri](x).float()
         if info.task == "multiclass":
             return logits.softmax(1)
@@ -570,14 +577,20 @@ def run(job: ScoreJob) -> Summary:
     return _verify(plan, sc, s3, inputs, todo, skipped, time.monotonic() - start, partition)
 
 
+def placement(sc: ScoreConfig, gpus: float) -> tuple[str, int]:
+    """The model actors' device and how many there are, for a cluster with ``gpus`` GPUs."""
+    device = sc.device if sc.device != "auto" else ("cuda" if gpus else "cpu")
+    if sc.actors:
+        return device, sc.actors
+    return device, (max(1, int(gpus / sc.actor_gpus + 1e-9)) if device == "cuda" else 1)
+
+
 def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
               partition: str) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    device = sc.device if sc.device != "auto" else ("cuda" if gpus else "cpu")
-    actors = sc.actors or (int(gpus) if device == "cuda" and gpus >= 1 else 1)
+    device, actors = placement(sc, ray.cluster_resources().get("GPU", 0))
     threads = sc.actor_threads or max(1, int(sc.actor_cpus))
     blocks = max(1, math.ceil(len(todo) / sc.decode_batch))
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo], override_num_blocks=blocks)
@@ -585,28 +598,30 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     # fusing decoding into the model actor when both ask for the same CPUs: fused, one process would
     # decode and predict in turn, with no overlap (seen on 2 CPUs: 0.62 of the bare model, 0.79 apart).
     ds = ds.map_batches(
-        read_and_decode, batch_size=sc.decode_batch, batch_format="numpy", memory=_decode_memory(plan, sc),
+        read_and_decode, batch_size=sc.decode_batch, batch_format="numpy", memory=_decode_memory(plan, sc, any(u.startswith("s3://") for _, u in todo)),
         fn_kwargs={"inputs": [p.to_dict() for p in plan.inputs], "expect_size": plan.expect_size,
                    "s3": s3, "retries": sc.retries, "threads": sc.read_threads})
     ds = ds.map_batches(
         Scorer, batch_size=sc.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
-                               "compile": sc.compile},
+                               "compile": sc.compile, "precision": sc.precision},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
-        num_gpus=1 if device == "cuda" else 0)
+        num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
 
 
 DECODE_WORKER_BYTES = 96 * 2**20
+S3_CLIENT_BYTES = 64 * 2**20
 
 
-def _decode_memory(plan: Plan, sc: ScoreConfig) -> int:
+def _decode_memory(plan: Plan, sc: ScoreConfig, s3_inputs: bool) -> int:
     """Bytes a decode task holds: the worker process itself (Python, Ray, pyarrow, PIL, OpenCV; no
-    torch: ~55 MiB above the images, measured by Ray Data on 2026-11-23) plus its images decoded at
-    full size (RGB at worst) and resized, twice over for the copies on the way out."""
+    torch: ~55 MiB above the images, measured by Ray Data on 2026-11-23; s3fs and botocore add about
+    50 MiB more when inputs are on S3) plus its images decoded at full size (RGB at worst) and
+    resized, twice over for the copies on the way out."""
     h, w = plan.expect_size or SEVERSTAL_SIZE
     per_image = h * w * 3 + sum(p.size[0] * p.size[1] * p.in_chans for p in plan.inputs)
-    return DECODE_WORKER_BYTES + 2 * sc.decode_batch * per_image
+    return DECODE_WORKER_BYTES + S3_CLIENT_BYTES * s3_inputs + 2 * sc.decode_batch * per_image
 
 
 def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skipped: int,

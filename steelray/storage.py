@@ -59,7 +59,8 @@ def s3_options(s3: S3Config | None = None, retries: int | None = None) -> dict:
         if s3.anon:
             opts["anon"] = True
     if retries is not None:
-        opts["config_kwargs"] = {"retries": {"max_attempts": retries + 1, "mode": "standard"}}
+        # botocore: total_max_attempts counts the first try (its max_attempts would not)
+        opts["config_kwargs"] = {"retries": {"total_max_attempts": retries + 1, "mode": "standard"}}
     return opts
 
 

@@ -132,6 +132,30 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
     assert df[df.image_id == "late.jpg"].run_date.tolist() == ["2026-11-23"]
 
 
+def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(ray_local, bucket, sheets,
+                                                                                 ckpts, flaky_s3, tmp_path):
+    """Inputs read through a proxy that answers 503: twice for one sheet (retried, then scored),
+    always for another (an error row naming it, after exactly 1 + score.retries attempts)."""
+    names = sorted(os.listdir(sheets.images))[:3]
+    files = {n: storage.read_bytes(os.path.join(sheets.images, n)) for n in names}
+    for n, blob in files.items():
+        storage.write_bytes(f"{bucket}/incoming/{n}", blob)
+    prefix = "incoming/"  # keys as the proxy sees them (bucket in the path, not the key)
+    flaky_s3.fail.update({prefix + names[1]: 2, prefix + names[2]: 10**6})
+    summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+                            f"score.output={tmp_path / 'out'}", "score.retries=3",
+                            f"s3.endpoint_url={flaky_s3.endpoint}"))
+    assert (summary.scored, summary.errored) == (2, 1), flaky_s3.seen
+    df = read(str(tmp_path / "out")).set_index("image_id")
+    assert pd.isna(df.loc[names[1], "error"])
+    np.testing.assert_allclose(df.loc[names[1], [f"prob_{c}" for c in CLASSES]].to_numpy(float),
+                               direct(ckpts["multilabel"], files[names[1]]).numpy(), atol=1e-4)
+    error = df.loc[names[2]].error
+    assert f"{bucket}/incoming/{names[2]}: read failed after 3 retries" in error and "Service Unavailable" in error, error
+    assert flaky_s3.seen[prefix + names[2]] == 4, flaky_s3.seen  # the first try and 3 retries
+    assert flaky_s3.seen[prefix + names[1]] >= 3
+
+
 def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(ray_local, tmp_path,
                                                                                       sheets, ckpts):
     files = put_inputs(sheets, str(tmp_path / "in"), n=3)
@@ -261,23 +285,52 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
     assert not [f for f in os.listdir(part) if f.startswith(".")], "temporary files left behind"
 
 
-@pytest.mark.gpu
-def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts):
-    """The actor class itself on CUDA (bf16, channels_last) against fp32 on CPU, same decoded batch."""
-    names = sorted(os.listdir(sheets.images))[:8]
+def decoded_batch(sheets, plan, n=8) -> dict:
+    names = sorted(os.listdir(sheets.images))[:n]
     uris = np.array([os.path.join(sheets.images, n) for n in names], dtype=object)
+    return score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+                                 expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+
+
+def assert_rows_agree(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Same probabilities within bf16's error; masks by overlap, not pixel for pixel (bf16 moves
+    pixels near the threshold, and an untrained segmenter has many there)."""
+    probs = [c for c in want.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(got[probs].to_numpy(), want[probs].to_numpy(), atol=0.03)
+    for c in (c for c in want.columns if c.startswith("rle_")):
+        for a, b in zip(want[c], got[c]):
+            ma, mb = rle.decode(a, (256, 1600)), rle.decode(b, (256, 1600))
+            union = (ma | mb).sum()
+            assert union < 100 or (ma & mb).sum() / union >= 0.8, c
+
+
+def test_scorer_in_bfloat16_matches_fp32(sheets, ckpts):
+    """score.precision=bf16 (weights and inputs in bfloat16, no autocast) against fp32, on CPU."""
     for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
         plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
-        batch = score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
-                                      expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+        batch = decoded_batch(sheets, plan, 4)
+        fp32 = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
+        bf16 = score.Scorer(plan, None, "cpu", 0, precision="bf16")
+        assert {p.dtype for m in bf16.models.values() for p in m.parameters()} == {torch.bfloat16}
+        assert_rows_agree(bf16(batch).to_pandas(), fp32)
+
+
+@pytest.mark.parametrize("overrides, gpus, want", [
+    ([], 0, ("cpu", 1)), ([], 4, ("cuda", 4)), (["score.actor_gpus=0.5"], 4, ("cuda", 8)),
+    (["score.actor_gpus=0.34"], 1, ("cuda", 2)), (["score.actors=3"], 0, ("cpu", 3)),
+    (["score.device=cpu"], 2, ("cpu", 1)), (["score.actor_gpus=0.25"], 0.5, ("cuda", 2))])
+def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want):
+    assert score.placement(job(*overrides).score, gpus) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
+    """The actor class itself on CUDA (bf16 autocast or bf16 weights, channels_last) against fp32 on
+    CPU, same decoded batch."""
+    for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
+        plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+        batch = decoded_batch(sheets, plan)
         cpu = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
-        gpu = score.Scorer(plan, None, "cuda", 0)(batch).to_pandas()
-        probs = [c for c in cpu.columns if c.startswith("prob_")]
-        np.testing.assert_allclose(gpu[probs].to_numpy(), cpu[probs].to_numpy(), atol=0.03)
-        # bf16 moves pixels near the threshold, and an untrained segmenter has many there: compare
-        # the masks by overlap, not pixel for pixel.
-        for c in (c for c in cpu.columns if c.startswith("rle_")):
-            for a, b in zip(cpu[c], gpu[c]):
-                ma, mb = rle.decode(a, (256, 1600)), rle.decode(b, (256, 1600))
-                union = (ma | mb).sum()
-                assert union < 100 or (ma & mb).sum() / union >= 0.8, c
+        gpu = score.Scorer(plan, None, "cuda", 0, precision=precision)(batch).to_pandas()
+        assert_rows_agree(gpu, cpu)
