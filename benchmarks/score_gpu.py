@@ -1,7 +1,7 @@
 """GPU scoring figures: resnet50 on full 256x1600 sheets in bf16, and JPEG decode alone.
 
     python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--precision bf16-mixed bf16]
-                                   [--pipeline] [--actor-gpus 1 0.5]
+                                   [--pipeline] [--actor-gpus 1 0.5] [--decode tasks actor]
 
 Measured with the scoring job's own pieces, side by side in one run:
 - decode: ``score.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
@@ -10,8 +10,11 @@ Measured with the scoring job's own pieces, side by side in one run:
   ``--precision`` (``score.precision``: bf16 autocast, or weights and inputs in bf16), per-class
   thresholds, output rows) on batches already decoded, images/s; and the bare forward pass on the
   same tensors already on the GPU (the ceiling); cuDNN autotuning is on, as in the actor;
+- decode on the GPU: torchvision's nvJPEG ``decode_jpeg`` on batches of JPEG bytes, and the actor
+  call when it decodes itself (``score.decode=actor``: JPEG bytes -> rows);
 - ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed), for each
-  precision and each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU).
+  precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU) and each
+  ``--decode`` (CPU decode tasks, or nvJPEG in the actor).
 
 Sheets are synthetic Severstal 1600x256 JPEGs (``--unique`` distinct, repeated up to ``--n``).
 """
@@ -53,6 +56,25 @@ def decode_rate(uris: list[str], workers: int, chunk: int = 64) -> float:
     return done / (time.perf_counter() - start)
 
 
+def gpu_decode(src: list[str], n: int) -> None:
+    """nvJPEG through torchvision: batched decode of the JPEG bytes on the GPU, grey, images/s."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    blobs = [torch.frombuffer(bytearray(open(u, "rb").read()), dtype=torch.uint8) for u in src]
+    print(f"JPEG size: mean {np.mean([len(b) for b in blobs]) / 1024:.0f} KiB per sheet", flush=True)
+    for batch in (64, 128, 256):
+        chunk = [blobs[i % len(blobs)] for i in range(batch)]
+        decode_jpeg(chunk, mode=ImageReadMode.GRAY, device="cuda")
+        torch.cuda.synchronize()
+        reps = max(1, n // batch)
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = decode_jpeg(chunk, mode=ImageReadMode.GRAY, device="cuda")
+        torch.cuda.synchronize()
+        print(f"decode: torchvision decode_jpeg on cuda (nvJPEG), batch {batch}: "
+              f"{reps * batch / (time.perf_counter() - start):.0f} img/s, shape {tuple(out[0].shape)}", flush=True)
+
+
 def make_checkpoint(folder: str, name: str) -> str:
     cfg = config.load(None, ["task=multilabel", f"model.name={name}", "input.size=[256,1600]", "data.format=severstal"])
     model = models.build_model(cfg, 4)
@@ -70,7 +92,14 @@ def main() -> None:
     ap.add_argument("--precision", nargs="*", default=["bf16-mixed"], choices=["bf16-mixed", "bf16", "fp32"])
     ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--actor-gpus", type=float, nargs="*", default=[1.0], help="GPU share per model actor")
+    ap.add_argument("--decode", nargs="*", default=["actor"], choices=["tasks", "actor"],
+                    help="score.decode: CPU decode tasks, or nvJPEG in the model actor")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
+    ap.add_argument("--compile-modes", nargs="*", default=["default", "freezing"],
+                    choices=["default", "freezing", "max-autotune"],
+                    help="which compiled forward passes to time with --compile (max-autotune compiles for minutes)")
+    ap.add_argument("--pipeline-compile", nargs="*", choices=["off", "on"], default=None,
+                    help="score.compile in the pipeline runs (default: off, and on too with --compile)")
     ap.add_argument("--only-pipeline", action="store_true", help="skip the decode and model-alone figures")
     ap.add_argument("--pipeline-n", type=int, nargs="*", default=[],
                     help="pipeline input counts; two or more give the marginal (steady-state) rate")
@@ -100,6 +129,7 @@ def main() -> None:
     print(f"decode: PIL, 1 process: {500 / (time.perf_counter() - start):.0f} img/s", flush=True)
     print(f"decode: score.read_and_decode, {args.workers} processes: {decode_rate(uris, args.workers):.0f} img/s",
           flush=True)
+    gpu_decode(src, args.n)
 
     plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
     images = np.stack([data.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
@@ -132,6 +162,19 @@ def main() -> None:
         actor = rows / (time.perf_counter() - start)
         print(f"{args.model} 256x1600 {precision} batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s; "
               f"Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s", flush=True)
+        if "actor" in args.decode:  # the actor decoding JPEG bytes itself (score.decode=actor)
+            scorer = score.Scorer(plan, None, "cuda", 0, precision=precision, decode=True)
+            blobs = [open(u, "rb").read() for u in src]
+            batches = [{**{k: v for k, v in b.items() if k != "image_0"},
+                        "blob": np.array([blobs[j % len(blobs)] for j in i] + [None], dtype=object)[:-1]}
+                       for b, i in zip(batches, idx)]
+            scorer(batches[0])
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            rows = sum(scorer(b).num_rows for b in batches)
+            torch.cuda.synchronize()
+            print(f"{args.model} 256x1600 {precision} batch {batch}: Scorer actor call with nvJPEG decode "
+                  f"(JPEG bytes -> rows) {rows / (time.perf_counter() - start):.0f} img/s", flush=True)
 
     if args.compile:
         import torch._inductor.config as inductor
@@ -140,8 +183,9 @@ def main() -> None:
         x = torch.from_numpy(images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:])))
         x = ((x.cuda().permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
         x = x.to(scorer.dtype)  # the last --precision's model
-        for label, freezing, mode in [("compile", False, None), ("compile+freezing", True, None),
-                                      ("compile+freezing max-autotune-no-cudagraphs", True, "max-autotune-no-cudagraphs")]:
+        modes = {"default": ("compile", False, None), "freezing": ("compile+freezing", True, None),
+                 "max-autotune": ("compile+freezing max-autotune-no-cudagraphs", True, "max-autotune-no-cudagraphs")}
+        for label, freezing, mode in (modes[m] for m in args.compile_modes):
             inductor.freezing = freezing
             torch._dynamo.reset()
             compiled = torch.compile(model, mode=mode)
@@ -175,9 +219,9 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
 
     ray.init(include_dashboard=False)
     counts = args.pipeline_n or [args.n]
-    for compile_, precision, share, batch in itertools.product([False, True] if args.compile else [False],
-                                                               args.precision, args.actor_gpus, args.batch):
-        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share}"
+    for compile_, precision, share, batch, decode in itertools.product(
+            [c == "on" for c in args.pipeline_compile or (["off", "on"] if args.compile else ["off"])], args.precision, args.actor_gpus, args.batch, args.decode):
+        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share} decode {decode}"
         timed = []
         for k, n in enumerate(counts):
             folder = os.path.join(args.work, f"p-{n}")
@@ -185,11 +229,11 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
                 os.makedirs(folder)
                 for i in range(n):
                     os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
-            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}")
+            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}-{decode}")
             job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
                                      f"score.batch_size={batch}", "score.actor_cpus=1", "score.decode_batch=64",
                                      f"score.compile={str(compile_).lower()}", f"score.precision={precision}",
-                                     f"score.actor_gpus={share}"], config.ScoreJob)
+                                     f"score.actor_gpus={share}", f"score.decode={decode}"], config.ScoreJob)
             s = score.run(job)
             timed.append((n, s.seconds))
             print(f"pipeline score.run {label}: {s.images_per_s:.0f} img/s over {s.scored} sheets "

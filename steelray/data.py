@@ -290,6 +290,20 @@ def decode_image(data: bytes, in_chans: int = 1, name: str = "image") -> np.ndar
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def probe_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
+    """(format, height, width) from the header alone, without decoding the pixels; raises DataError
+    naming ``name`` as ``decode_image`` would for empty and non-image bytes."""
+    if not data:
+        raise DataError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format or "", im.height, im.width
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: unreadable or truncated image ({e})") from None
+
+
 def load_image(uri: str, in_chans: int = 1, s3: S3Config | None = None) -> np.ndarray:
     """Read and decode one image from a local path or s3:// URI."""
     try:

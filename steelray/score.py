@@ -6,9 +6,10 @@
 
 Pipeline (Ray Data, streaming): the driver lists the inputs and drops those the output already holds
 for this checkpoint; CPU tasks read the bytes (threads, S3 retries with backoff) and decode and
-resize them as the checkpoint's preprocessing says; a pool of model actors (one checkpoint load each,
-GPU or CPU) normalises, predicts and builds the output rows; a Parquet datasink writes each group of
-rows as one file, atomically.
+resize them as the checkpoint's preprocessing says (or, with ``score.decode=actor``, only read the
+bytes and check the headers, and the actors decode: nvJPEG on GPU); a pool of model actors (one
+checkpoint load each, GPU or CPU) normalises, predicts and builds the output rows; a Parquet datasink
+writes each group of rows as one file, atomically.
 
 Nothing lost, nothing twice: every input becomes one row, a prediction or an ``error``; a rerun skips
 the images already in the output for the same checkpoint digest; a file appears under its final name
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 
 from steelray import metrics, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
-from steelray.data import SEVERSTAL_SIZE, DataError, decode_image
+from steelray.data import SEVERSTAL_SIZE, DataError, decode_image, probe_image
 from steelray.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,29 @@ def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
 
 # --- stage 1: read and decode (CPU tasks) --------------------------------------------------------
 
+def _read_all(uris: list[str], s3: S3Config | None, retries: int, threads: int) -> list[bytes | str]:
+    """Each URI's bytes, or the error message saying why there are none."""
+    def read(uri: str) -> bytes | str:
+        try:
+            fs, path = storage.filesystem(uri, s3, retries)
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return f"{uri}: not found (removed after it was listed, or never there)"
+        except Exception as e:  # after the client's retries with backoff
+            return f"{uri}: read failed after {retries} retries: {type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(min(threads, len(uris)) or 1) as pool:
+        return list(pool.map(read, uris))
+
+
+def _size_error(uri: str, h: int, w: int, expect_size) -> str | None:
+    if expect_size and (h, w) != tuple(expect_size):
+        return (f"{uri}: unexpected size {w}x{h} (width x height), expected "
+                f"{expect_size[1]}x{expect_size[0]}")
+    return None
+
+
 def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Config | None,
                     retries: int, threads: int) -> dict:
     """Bytes -> uint8 (N, H, W, C) per model input, resized as the checkpoint's preprocessing says.
@@ -283,20 +307,7 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
     images = [np.zeros((n, *p.size, p.in_chans), np.uint8) for p in pres]
     height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
     errors = [""] * n
-
-    def read(uri: str) -> bytes | str:
-        try:
-            fs, path = storage.filesystem(uri, s3, retries)
-            with fs.open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return f"{uri}: not found (removed after it was listed, or never there)"
-        except Exception as e:  # after the client's retries with backoff
-            return f"{uri}: read failed after {retries} retries: {type(e).__name__}: {e}"
-
-    with ThreadPoolExecutor(min(threads, n) or 1) as pool:
-        blobs = list(pool.map(read, uris))
-    for i, (uri, blob) in enumerate(zip(uris, blobs)):
+    for i, (uri, blob) in enumerate(zip(uris, _read_all(uris, s3, retries, threads))):
         if isinstance(blob, str):
             errors[i] = blob
             continue
@@ -307,9 +318,8 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
                     decoded[p.in_chans] = decode_image(blob, p.in_chans, uri)
                 img = decoded[p.in_chans]
                 h, w = img.shape[:2]
-                if expect_size and (h, w) != tuple(expect_size):
-                    raise DataError(f"{uri}: unexpected size {w}x{h} (width x height), expected "
-                                    f"{expect_size[1]}x{expect_size[0]}")
+                if problem := _size_error(uri, h, w, expect_size):
+                    raise DataError(problem)
                 if (h, w) != tuple(p.size):
                     img = cv2.resize(img, (p.size[1], p.size[0]), interpolation=cv2.INTER_LINEAR)
                 images[k][i] = img.reshape(*p.size, p.in_chans)
@@ -323,13 +333,39 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
     return out
 
 
+def read_and_probe(batch: dict, *, expect_size, s3: S3Config | None, retries: int, threads: int) -> dict:
+    """Stage 1 when the actors decode (``score.decode=actor``): the bytes themselves, with what the
+    header alone tells (empty, not an image, unexpected size) as the row's ``error``. A JPEG
+    crosses the object store at ~1/5 of its decoded size."""
+    uris = [str(u) for u in batch["source_uri"]]
+    n = len(uris)
+    height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    errors, blobs = [""] * n, [b""] * n
+    for i, (uri, blob) in enumerate(zip(uris, _read_all(uris, s3, retries, threads))):
+        if isinstance(blob, str):
+            errors[i] = blob
+            continue
+        try:
+            _, h, w = probe_image(blob, uri)
+        except DataError as e:
+            errors[i] = str(e)
+            continue
+        if problem := _size_error(uri, h, w, expect_size):
+            errors[i] = problem
+            continue
+        height[i], width[i], blobs[i] = h, w, blob
+    return {"image_id": np.asarray(batch["image_id"], dtype=object), "source_uri": np.asarray(uris, dtype=object),
+            "height": height, "width": width, "error": np.asarray(errors, dtype=object),
+            "blob": np.asarray(blobs + [None], dtype=object)[:n]}  # (the None keeps numpy from making a bytes array)
+
+
 # --- stage 2: the model actors -------------------------------------------------------------------
 
 class Scorer:
     """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
 
     def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", decode: bool = False):
         import torch
 
         from steelray import checkpoint, presets
@@ -337,7 +373,7 @@ class Scorer:
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.presets = torch, presets
-        self.plan, self.device = plan, torch.device(device)
+        self.plan, self.device, self.decode = plan, torch.device(device), decode
         if precision == "auto":
             precision = "bf16-mixed" if self.device.type == "cuda" else "fp32"
         self.autocast = precision == "bf16-mixed"
@@ -351,14 +387,16 @@ class Scorer:
             module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
             self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
 
-    def _forward(self, info: ModelInfo, images: np.ndarray):
-        """Probabilities for uint8 NHWC images: (N, C) classes, or (N, C, h, w) for segmenters."""
+    def _forward(self, info: ModelInfo, images):
+        """Probabilities for uint8 NHWC images (numpy, or a tensor already on the device): (N, C)
+        classes, or (N, C, h, w) for segmenters."""
         torch = self.torch
         p = info.preprocess
-        with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = self.presets.normalize_batch(x.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
+        if isinstance(images, np.ndarray):
+            with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = self.presets.normalize_batch(images.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         x = x.to(self.dtype)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.models[info.uri](x).float()
@@ -366,14 +404,83 @@ class Scorer:
             return logits.softmax(1)
         return logits.sigmoid()
 
-    def _images(self, info: ModelInfo, batch: dict, idx: np.ndarray) -> np.ndarray:
-        images = batch[f"image_{self.plan.input_index(info)}"]
+    def _images(self, info: ModelInfo, batch: dict, idx: np.ndarray):
+        """uint8 NHWC images of rows ``idx``: numpy from the decode tasks, or a tensor on the device
+        when this actor decoded them (then ``batch["decoded"]`` holds one per input, rows in
+        ``batch["decoded_rows"]`` order)."""
+        k = self.plan.input_index(info)
+        if "decoded" in batch:
+            images, rows = batch["decoded"][k], batch["decoded_rows"]
+            if len(idx) == len(rows):
+                return images
+            return images[self.torch.as_tensor(np.searchsorted(rows, idx), device=images.device)]
+        images = batch[f"image_{k}"]
         return images if len(idx) == len(images) else images[idx]  # no copy when every row decoded
+
+    def _decode(self, batch: dict, errors: list[str | None]) -> None:
+        """``score.decode=actor``: the batch's bytes -> uint8 NHWC tensors on this actor's device,
+        resized per model input; on CUDA the JPEGs go through nvJPEG in one batched call. A JPEG
+        that does not end in its end-of-image marker (truncated), any other format, and any image
+        the batched call fails on are decoded by ``decode_image`` on the CPU instead, which names
+        what is wrong in ``errors`` exactly as the decode tasks would."""
+        torch = self.torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        blobs, uris = batch["blob"], [str(u) for u in batch["source_uri"]]
+        todo = [i for i, e in enumerate(errors) if e is None]
+        decoded: dict[int, dict[int, object]] = {}       # in_chans -> row -> (C, H, W) uint8 tensor
+        for chans in sorted({p.in_chans for p in self.plan.inputs}):
+            got = decoded[chans] = {}
+            mode = ImageReadMode.GRAY if chans == 1 else ImageReadMode.RGB
+            jpegs = [i for i in todo if bytes(blobs[i][:2]) == b"\xff\xd8" and bytes(blobs[i][-2:]) == b"\xff\xd9"]
+            if jpegs:
+                datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
+                try:
+                    got.update(zip(jpegs, decode_jpeg(datas, mode=mode, device=self.device)))
+                except RuntimeError:  # one image the decoder rejects fails the call: take them one by one
+                    for i, d in zip(jpegs, datas):
+                        try:
+                            got[i] = decode_jpeg(d, mode=mode, device=self.device)
+                        except RuntimeError:
+                            pass
+            for i in todo:
+                if i not in got and errors[i] is None:
+                    try:
+                        img = decode_image(bytes(blobs[i]), chans, uris[i])
+                    except DataError as e:
+                        errors[i] = str(e)
+                        continue
+                    got[i] = torch.from_numpy(img.copy()).permute(2, 0, 1).to(self.device)  # PIL's array is read-only
+        rows = np.array([i for i in todo if errors[i] is None], dtype=np.int64)
+        out = []
+        for p in self.plan.inputs:
+            images = [decoded[p.in_chans][i] for i in rows]
+            if not images:
+                out.append(torch.zeros((0, *p.size, p.in_chans), dtype=torch.uint8, device=self.device))
+                continue
+            if all(im.shape == images[0].shape for im in images):
+                x = self._resize(torch.stack(images), p.size)
+            else:  # sheets of several sizes (no expect_size): one by one
+                x = torch.cat([self._resize(im[None], p.size) for im in images])
+            out.append(x.permute(0, 2, 3, 1).contiguous())   # NHWC, as the decode tasks hand it over
+        batch["decoded"], batch["decoded_rows"] = out, rows
+
+    def _resize(self, x, size):
+        """uint8 NCHW -> ``size``, bilinear without antialiasing and rounding halves up, as
+        cv2.INTER_LINEAR does in the decode tasks: the same pixels for whole-number ratios (1600 ->
+        400 or 320); other ratios can differ by one grey level (OpenCV's fixed-point weights)."""
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        y = self.torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return y.add_(0.5).floor_().clamp_(0, 255).to(self.torch.uint8)
 
     def __call__(self, batch: dict) -> pa.Table:
         plan, primary = self.plan, self.plan.primary
         n = len(batch["source_uri"])
         errors = [str(e) or None for e in batch["error"]]
+        if self.decode:
+            batch = dict(batch)
+            self._decode(batch, errors)
         ok = np.flatnonzero([e is None for e in errors])
         rows: list[dict] = [{} for _ in range(n)]   # the model-dependent columns of each row
         if len(ok) and primary.segmenter:
@@ -598,14 +705,16 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     # Decode tasks reserve the memory their batch needs. Besides being true, it keeps Ray Data from
     # fusing decoding into the model actor when both ask for the same CPUs: fused, one process would
     # decode and predict in turn, with no overlap (seen on 2 CPUs: 0.62 of the bare model, 0.79 apart).
-    ds = ds.map_batches(
-        read_and_decode, batch_size=sc.decode_batch, batch_format="numpy", memory=_decode_memory(plan, sc, s3_inputs),
-        fn_kwargs={"inputs": [p.to_dict() for p in plan.inputs], "expect_size": plan.expect_size,
-                   "s3": s3, "retries": sc.retries, "threads": sc.read_threads})
+    in_actor = sc.decode == "actor"
+    stage, extra = (read_and_probe, {}) if in_actor else (read_and_decode, {"inputs": [p.to_dict() for p in plan.inputs]})
+    ds = ds.map_batches(stage, batch_size=sc.decode_batch, batch_format="numpy",
+                        memory=_decode_memory(plan, sc, s3_inputs, in_actor),
+                        fn_kwargs={"expect_size": plan.expect_size, "s3": s3, "retries": sc.retries,
+                                   "threads": sc.read_threads, **extra})
     ds = ds.map_batches(
         Scorer, batch_size=sc.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
-                               "compile": sc.compile, "precision": sc.precision},
+                               "compile": sc.compile, "precision": sc.precision, "decode": in_actor},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
         num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
@@ -615,13 +724,15 @@ DECODE_WORKER_BYTES = 96 * 2**20
 S3_CLIENT_BYTES = 64 * 2**20
 
 
-def _decode_memory(plan: Plan, sc: ScoreConfig, s3_inputs: bool) -> int:
+def _decode_memory(plan: Plan, sc: ScoreConfig, s3_inputs: bool, bytes_only: bool = False) -> int:
     """Bytes a decode task holds: the worker process itself (Python, Ray, pyarrow, PIL, OpenCV; no
     torch: ~55 MiB above the images, measured by Ray Data on 2026-11-23; s3fs and botocore add about
     50 MiB more when inputs are on S3) plus its images decoded at full size (RGB at worst) and
-    resized, twice over for the copies on the way out."""
+    resized, twice over for the copies on the way out. When the actors decode, the task holds the
+    bytes alone (a Severstal JPEG is ~0.2 byte per pixel), but Ray Data measured ~190 MiB per task
+    of 64 sheets on a 16-core GPU machine (2026-11-23): counted as two bytes per pixel."""
     h, w = plan.expect_size or SEVERSTAL_SIZE
-    per_image = h * w * 3 + sum(p.size[0] * p.size[1] * p.in_chans for p in plan.inputs)
+    per_image = 2 * h * w if bytes_only else h * w * 3 + sum(p.size[0] * p.size[1] * p.in_chans for p in plan.inputs)
     return DECODE_WORKER_BYTES + S3_CLIENT_BYTES * s3_inputs + 2 * sc.decode_batch * per_image
 
 

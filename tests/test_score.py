@@ -315,6 +315,62 @@ def test_scorer_in_bfloat16_matches_fp32(sheets, ckpts):
         assert_rows_agree(bf16(batch).to_pandas(), fp32)
 
 
+def probed_batch(uris: list[str], plan) -> dict:
+    ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
+    return score.read_and_probe({"image_id": ids, "source_uri": uris}, expect_size=plan.expect_size, s3=None,
+                                retries=0, threads=4)
+
+
+def scored_both_ways(plan, uris: list[str], device: str = "cpu", **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The same files scored after the decode tasks (fp32, CPU) and decoded in the actor on ``device``."""
+    ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
+    decoded = score.read_and_decode({"image_id": ids, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+                                    expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+    tasks = score.Scorer(plan, None, "cpu", 0)(decoded).to_pandas()
+    actor = score.Scorer(plan, None, device, 0, decode=True, **kw)(probed_batch(list(uris), plan)).to_pandas()
+    return tasks, actor
+
+
+def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets, ckpts):
+    """score.decode=actor (torchvision's decoder in the actor; nvJPEG on GPU) against the decode
+    tasks, on good sheets and the four bad files, for a classifier and a segmenter; a cascade whose
+    gate is also a segmenter-sized input covers two model inputs per image."""
+    files = put_inputs(sheets, str(tmp_path / "in"), n=4)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(files[sorted(files)[0]])).save(png, format="PNG")  # not a JPEG: the CPU decoder
+    files["png.png"] = png.getvalue()
+    (tmp_path / "in" / "png.png").write_bytes(files["png.png"])
+    uris = [str(tmp_path / "in" / name) for name in sorted(files)]
+    big = make_checkpoint(tmp_path / "big", "multilabel", "resnet10t", size=(128, 640))
+    for tol, overrides in [(1e-5, [f"score.checkpoint={ckpts['multilabel']}"]),
+                           (1e-5, [f"score.checkpoint={ckpts['segmenter']}"]),
+                           (5e-3, [f"score.checkpoint={big}", f"score.segmenter={ckpts['segmenter']}"])]:
+        plan = score.make_plan(job(*overrides).score, None)
+        tasks, actor = scored_both_ways(plan, uris)
+        assert list(actor.error.fillna("")) == list(tasks.error.fillna("")), overrides
+        assert actor.error.notna().sum() == 4 and "png.png" in set(actor[actor.error.isna()].image_id)
+        good = tasks.error.isna()
+        probs = [c for c in tasks.columns if "prob_" in c]
+        # same decoded pixels; resized alike at 1600/320 (5x), within a grey level at 1600/640 (2.5x)
+        np.testing.assert_allclose(actor[good][probs].to_numpy(float), tasks[good][probs].to_numpy(float), atol=tol)
+        assert_rows_agree(actor[good], tasks[good])
+
+
+def test_actor_decoding_through_the_pipeline(ray_local, tmp_path, sheets, ckpts):
+    """score.decode=actor on a local Ray: the JPEG bytes cross Ray Data as a binary column; every
+    input once, bad files named, probabilities those of the model applied directly."""
+    files = put_inputs(sheets, str(tmp_path / "in"), n=3)
+    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['multilabel']}",
+                            f"score.output={tmp_path / 'out'}", "score.decode=actor"))
+    assert (summary.inputs, summary.scored, summary.errored) == (7, 3, 4)
+    df = read(str(tmp_path / "out")).set_index("image_id")
+    for name, message in BAD_MESSAGES.items():
+        assert message in df.loc[name, "error"] and name in df.loc[name, "error"]
+    for name in (n for n in files if n not in BAD_MESSAGES):
+        got = df.loc[name, ["prob_1", "prob_2", "prob_3", "prob_4"]].to_numpy(float)
+        np.testing.assert_allclose(got, direct(ckpts["multilabel"], files[name]).numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("overrides, gpus, want", [
     ([], 0, ("cpu", 1)), ([], 4, ("cuda", 4)), (["score.actor_gpus=0.5"], 4, ("cuda", 8)),
     (["score.actor_gpus=0.34"], 1, ("cuda", 2)), (["score.actors=3"], 0, ("cpu", 3)),
@@ -334,3 +390,21 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
         cpu = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
         gpu = score.Scorer(plan, None, "cuda", 0, precision=precision)(batch).to_pandas()
         assert_rows_agree(gpu, cpu)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets, ckpts):
+    """score.decode=actor on CUDA (nvJPEG, batched) against the CPU decode tasks: the same error rows
+    (the truncated JPEG goes to the CPU decoder), the same predictions within fp32 on GPU."""
+    files = put_inputs(sheets, str(tmp_path / "in"), n=8)
+    uris = [str(tmp_path / "in" / name) for name in sorted(files)]
+    for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
+        plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+        tasks, actor = scored_both_ways(plan, uris, "cuda", precision="fp32")
+        assert list(actor.error.fillna("")) == list(tasks.error.fillna(""))
+        good = tasks.error.isna()
+        assert good.sum() == 8
+        assert_rows_agree(actor[good], tasks[good])
+        probs = [c for c in tasks.columns if c.startswith("prob_")]
+        print(ckpt, "max |prob difference| nvJPEG vs CPU decode:",
+              np.abs(actor[good][probs].to_numpy(float) - tasks[good][probs].to_numpy(float)).max())
