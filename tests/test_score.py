@@ -156,6 +156,11 @@ def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(
     assert flaky_s3.seen[prefix + names[1]] >= 3
 
 
+def plain(column: pd.Series) -> list:
+    """Python values, every kind of missing as None, lists as lists: for comparing readers."""
+    return [list(v) if isinstance(v, (list, np.ndarray)) else None if pd.isna(v) else v for v in column]
+
+
 def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(ray_local, tmp_path,
                                                                                       sheets, ckpts):
     files = put_inputs(sheets, str(tmp_path / "in"), n=3)
@@ -192,6 +197,17 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
 
     rows, left_out = score.kaggle_rows(score.read_output(str(tmp_path / "out")))
     assert left_out == 4 and len(rows) == 3 * 4
+
+    import duckdb  # the README's DuckDB query reads the same rows, types included
+
+    got = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path / 'out'}/*/*.parquet', hive_partitioning=true) "
+                     "ORDER BY image_id").df()
+    want = df.sort_values("image_id").reset_index(drop=True)
+    assert list(got.columns) == list(want.columns) and len(got) == 7
+    assert [str(d)[:10] for d in got.run_date] == ["2026-11-22"] * 7
+    assert (got.scored_at == want.scored_at).all() and str(got.scored_at.dt.tz) in ("UTC", "Etc/UTC")
+    for col in ["image_id", "error", "labels"] + [f"rle_{c}" for c in CLASSES] + [f"area_{c}" for c in CLASSES]:
+        assert plain(got[col]) == plain(want[col]), col
     assert {(r[0], r[1]) for r in rows} == {(i, c) for i in df[df.error.isna()].image_id for c in CLASSES}
 
 
