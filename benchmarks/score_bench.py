@@ -1,6 +1,6 @@
 """Scoring throughput and memory, side by side in one run on one machine.
 
-    .ci/in-venv python benchmarks/score_bench.py [--n 600] [--model resnet18] [--size 128 800]
+    .ci/in-venv python benchmarks/score_bench.py [--n 600] [--rounds 1] [--model resnet18] [--size 128 800]
                                                  [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
 
 1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, for every contender")
     ap.add_argument("--naive-n", type=int, default=100, help="sheets for the (slow) naive loop")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of bare / job / naive, side by side")
     ap.add_argument("--mem-model", default="mobilenetv3_small_050")
     ap.add_argument("--mem-size", type=int, nargs=2, default=[64, 400], metavar=("H", "W"))
     ap.add_argument("--mem-n", type=int, nargs="*", default=[1000, 5000])
@@ -174,24 +175,33 @@ def main() -> None:
     decoded = [preprocess(storage.read_bytes(sources[i % len(sources)]), pre) for i in range(args.n)]
     ray.init(num_cpus=2, include_dashboard=None, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
 
-    # the bare model before and after the job: this box's speed drifts by 10-20% over minutes
-    bare_before = bare_forward(ckpt, decoded, args.batch, args.threads)
-    summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch, args.threads)
-    pipeline = summary.images_per_s
-    steady = steady_rate(os.path.join(work, "out-eff"))
-    bare_after = bare_forward(ckpt, decoded, args.batch, args.threads)
-    bare = (bare_before + bare_after) / 2
-    naive = naive_loop(ckpt, sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))[
-        :args.naive_n], args.threads)
+    # Rounds of bare model, whole job, naive loop, side by side: this box's speed drifts by 10-20%
+    # over minutes, so each round's job is divided by the bare model measured just before and after it.
+    uris = sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))
     print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
-          f"{args.n} sheets")
-    print(f"  pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
-    print(f"  pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}, "
-          f"steady/naive = {steady / naive:.2f}")
-    print(f"  bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
-          f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}")
-    print(f"  naive one-at-a-time loop        {naive:8.1f} img/s  -> pipeline/naive = {pipeline / naive:.2f}",
-          flush=True)
+          f"{args.n} sheets, {args.rounds} round(s)")
+    ratios = []
+    for r in range(args.rounds):
+        bare_before = bare_forward(ckpt, decoded, args.batch, args.threads)
+        summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch, args.threads)
+        pipeline = summary.images_per_s
+        steady = steady_rate(os.path.join(work, "out-eff"))
+        bare_after = bare_forward(ckpt, decoded, args.batch, args.threads)
+        bare = (bare_before + bare_after) / 2
+        naive = naive_loop(ckpt, uris[:args.naive_n], args.threads)
+        ratios.append((pipeline / bare, steady / bare, pipeline / naive))
+        print(f" round {r + 1}:")
+        print(f"  pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
+        print(f"  pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}, "
+              f"steady/naive = {steady / naive:.2f}")
+        print(f"  bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
+              f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}")
+        print(f"  naive one-at-a-time loop        {naive:8.1f} img/s  -> pipeline/naive = {pipeline / naive:.2f}",
+              flush=True)
+    if args.rounds > 1:
+        med = np.median(np.array(ratios), axis=0)
+        print(f" median of {args.rounds} rounds: whole/bare {med[0]:.2f}, steady/bare {med[1]:.2f}, "
+              f"whole/naive {med[2]:.2f}", flush=True)
 
     mckpt = make_checkpoint(os.path.join(work, "mckpt"), args.mem_model, tuple(args.mem_size))
     print(f"memory: {args.mem_model} {args.mem_size[0]}x{args.mem_size[1]}, batch 32, full 1600x256 sheets decoded")

@@ -432,17 +432,18 @@ class Scorer:
         for chans in sorted({p.in_chans for p in self.plan.inputs}):
             got = decoded[chans] = {}
             mode = ImageReadMode.GRAY if chans == 1 else ImageReadMode.RGB
-            jpegs = [i for i in todo if bytes(blobs[i][:2]) == b"\xff\xd8" and bytes(blobs[i][-2:]) == b"\xff\xd9"]
+            jpegs = [i for i in todo if errors[i] is None and bytes(blobs[i][:2]) == b"\xff\xd8"
+                     and bytes(blobs[i][-2:]) == b"\xff\xd9"]
             if jpegs:
                 datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
                 try:
                     got.update(zip(jpegs, decode_jpeg(datas, mode=mode, device=self.device)))
-                except RuntimeError:  # one image the decoder rejects fails the call: take them one by one
+                except (RuntimeError, ValueError):  # one image it rejects fails the call: one by one
                     for i, d in zip(jpegs, datas):
                         try:
                             got[i] = decode_jpeg(d, mode=mode, device=self.device)
-                        except RuntimeError:
-                            pass
+                        except (RuntimeError, ValueError):
+                            pass  # the CPU decoder below says what is wrong with it
             for i in todo:
                 if i not in got and errors[i] is None:
                     try:

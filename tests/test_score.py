@@ -331,6 +331,13 @@ def test_scorer_in_bfloat16_matches_fp32(sheets, ckpts):
         assert_rows_agree(bf16(batch).to_pandas(), fp32)
 
 
+def corrupt_middle(jpeg: bytes) -> bytes:
+    """A JPEG with 2,000 bytes of noise in its entropy-coded data, start and end markers intact."""
+    blob = bytearray(jpeg)
+    blob[len(blob) // 2:len(blob) // 2 + 2000] = np.random.default_rng(0).bytes(2000)
+    return bytes(blob)
+
+
 def probed_batch(uris: list[str], plan) -> dict:
     ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
     return score.read_and_probe({"image_id": ids, "source_uri": uris}, expect_size=plan.expect_size, s3=None,
@@ -355,7 +362,9 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
     png = io.BytesIO()
     Image.open(io.BytesIO(files[sorted(files)[0]])).save(png, format="PNG")  # not a JPEG: the CPU decoder
     files["png.png"] = png.getvalue()
-    (tmp_path / "in" / "png.png").write_bytes(files["png.png"])
+    files["corrupt.jpg"] = corrupt_middle(files[sorted(files)[0]])  # fails the batched call: one by one
+    for name in ("png.png", "corrupt.jpg"):
+        (tmp_path / "in" / name).write_bytes(files[name])
     uris = [str(tmp_path / "in" / name) for name in sorted(files)]
     big = make_checkpoint(tmp_path / "big", "multilabel", "resnet10t", size=(128, 640))
     for tol, overrides in [(1e-5, [f"score.checkpoint={ckpts['multilabel']}"]),
@@ -364,7 +373,8 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
         plan = score.make_plan(job(*overrides).score, None)
         tasks, actor = scored_both_ways(plan, uris)
         assert list(actor.error.fillna("")) == list(tasks.error.fillna("")), overrides
-        assert actor.error.notna().sum() == 4 and "png.png" in set(actor[actor.error.isna()].image_id)
+        assert actor.error.notna().sum() == 5 and "png.png" in set(actor[actor.error.isna()].image_id)
+        assert "corrupt.jpg: unreadable" in actor.set_index("image_id").error["corrupt.jpg"]
         good = tasks.error.isna()
         probs = [c for c in tasks.columns if "prob_" in c]
         # same decoded pixels; resized alike at 1600/320 (5x), within a grey level at 1600/640 (2.5x)
@@ -411,9 +421,12 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
 @pytest.mark.gpu
 def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets, ckpts):
     """score.decode=actor on CUDA (nvJPEG, batched) against the CPU decode tasks: the same error rows
-    (the truncated JPEG goes to the CPU decoder), the same predictions within fp32 on GPU."""
+    (the truncated JPEG goes to the CPU decoder; the one with noise inside must be rejected as
+    libjpeg rejects it: that case joined after the test last ran on a GPU, 2026-11-23), the same
+    predictions within fp32 on GPU."""
     files = put_inputs(sheets, str(tmp_path / "in"), n=8)
-    uris = [str(tmp_path / "in" / name) for name in sorted(files)]
+    (tmp_path / "in" / "corrupt.jpg").write_bytes(corrupt_middle(files[sorted(files)[0]]))
+    uris = [str(tmp_path / "in" / name) for name in sorted([*files, "corrupt.jpg"])]
     for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
         plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
         tasks, actor = scored_both_ways(plan, uris, "cuda", precision="fp32")
