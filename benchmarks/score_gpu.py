@@ -12,6 +12,7 @@ Measured with the scoring job's own pieces, side by side in one run:
   same tensors already on the GPU (the ceiling); cuDNN autotuning is on, as in the actor;
 - decode on the GPU: torchvision's nvJPEG ``decode_jpeg`` on batches of JPEG bytes, and the actor
   call when it decodes itself (``score.decode=actor``: JPEG bytes -> rows);
+- ``--naive N``: the notebook way on the GPU, one sheet read, decoded and predicted at a time;
 - ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed), for each
   precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU) and each
   ``--decode`` (CPU decode tasks, or nvJPEG in the actor).
@@ -100,6 +101,8 @@ def main() -> None:
                     help="which compiled forward passes to time with --compile (max-autotune compiles for minutes)")
     ap.add_argument("--pipeline-compile", nargs="*", choices=["off", "on"], default=None,
                     help="score.compile in the pipeline runs (default: off, and on too with --compile)")
+    ap.add_argument("--naive", type=int, default=0, metavar="N",
+                    help="also time the naive loop on N sheets: read, decode, predict one at a time on the GPU")
     ap.add_argument("--only-pipeline", action="store_true", help="skip the decode and model-alone figures")
     ap.add_argument("--pipeline-n", type=int, nargs="*", default=[],
                     help="pipeline input counts; two or more give the marginal (steady-state) rate")
@@ -175,6 +178,18 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"{args.model} 256x1600 {precision} batch {batch}: Scorer actor call with nvJPEG decode "
                   f"(JPEG bytes -> rows) {rows / (time.perf_counter() - start):.0f} img/s", flush=True)
+
+    if args.naive:  # the notebook way, on the GPU: one sheet at a time, bf16 autocast, no Ray
+        model = scorer.models[ckpt]
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            for u in uris[:args.naive]:
+                img = torch.from_numpy(data.decode_image(open(u, "rb").read(), 1)).cuda()
+                x = ((img.permute(2, 0, 1)[None].float() / 255 - 0.449) / 0.226).contiguous(
+                    memory_format=torch.channels_last).to(scorer.dtype)
+                model(x).sigmoid().cpu()
+        print(f"naive loop (read, decode, predict one at a time): "
+              f"{args.naive / (time.perf_counter() - start):.0f} img/s", flush=True)
 
     if args.compile:
         import torch._inductor.config as inductor

@@ -693,6 +693,11 @@ def placement(sc: ScoreConfig, gpus: float) -> tuple[str, int]:
     return device, (max(1, int(gpus / sc.actor_gpus + 1e-9)) if device == "cuda" else 1)
 
 
+def model_batch(sc: ScoreConfig, device: str) -> int:
+    """Images per model call: ``score.batch_size``, else 64 on GPU and 16 on CPU."""
+    return sc.batch_size or (64 if device == "cuda" else 16)
+
+
 def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
               partition: str) -> None:
     import ray
@@ -713,7 +718,7 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
                         fn_kwargs={"expect_size": plan.expect_size, "s3": s3, "retries": sc.retries,
                                    "threads": sc.read_threads, **extra})
     ds = ds.map_batches(
-        Scorer, batch_size=sc.batch_size, batch_format="numpy",
+        Scorer, batch_size=model_batch(sc, device), batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
                                "compile": sc.compile, "precision": sc.precision, "decode": in_actor},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,

@@ -262,9 +262,9 @@ def test_bad_arguments_exit_2_with_the_reason(tmp_path):
                           str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and "not a steelray checkpoint" in run.stderr, run.stderr
-    run = subprocess.run([sys.executable, "jobs/score.py", "score.batch_size=0"],
+    run = subprocess.run([sys.executable, "jobs/score.py", "score.decode_batch=0"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 2 and "score.batch_size: must be >= 1" in run.stderr, run.stderr
+    assert run.returncode == 2 and "score.decode_batch: must be >= 1" in run.stderr, run.stderr
 
 
 def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_local, tmp_path, sheets):
@@ -403,6 +403,12 @@ def test_actor_decoding_through_the_pipeline(ray_local, tmp_path, sheets, ckpts)
     (["score.device=cpu"], 2, ("cpu", 1)), (["score.actor_gpus=0.25"], 0.5, ("cuda", 2))])
 def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want):
     assert score.placement(job(*overrides).score, gpus) == want
+
+
+def test_model_batch_defaults_to_64_on_gpu_and_16_on_cpu():
+    default = config.load(None, [], config.ScoreJob).score
+    assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (64, 16)
+    assert score.model_batch(job().score, "cuda") == 4  # set: taken as it is
 
 
 @pytest.mark.gpu
