@@ -247,6 +247,7 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
         history = result.metrics_dataframe
         history = history if history is not None and not history.empty else pd.DataFrame()
         trial_id = result.metrics.get("trial_id") or _trial_id(result.path)
+        history = _train_history(sweep_uri, trial_id, cfg, history)
         values = decode(result.config, choices)
         epochs_planned = values.get("train.epochs", cfg.train.epochs)
         row = {"trial_id": trial_id, "status": "", **values, metric: math.nan, "best_epoch": pd.NA,
@@ -265,6 +266,20 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
             row["status"] = "completed"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _train_history(sweep_uri: str, trial_id: str, cfg: Config, reported: pd.DataFrame) -> pd.DataFrame:
+    """The trial's epochs as its Train run wrote them (``metrics.csv``) when that holds more than Tune
+    recorded: a sweep killed after a run's last epoch but before Tune saved it resumes that trial,
+    whose run then has nothing left to train and reports nothing new."""
+    try:
+        text = storage.read_text(storage.join(sweep_uri, "train", trial_id, "metrics.csv"), cfg.s3)
+    except FileNotFoundError:
+        return reported
+    written = pd.read_csv(io.StringIO(text))
+    if "epoch" not in written or ("epoch" in reported and written["epoch"].max() <= reported["epoch"].max()):
+        return reported
+    return written
 
 
 def _trial_id(path: str) -> str:

@@ -186,3 +186,17 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, neu_smal
     assert len(trials) == 2 and (trials.status == "completed").all() and (trials.epochs == 2).all()
     assert {p.name: p.stat().st_mtime_ns for p in finished.rglob("*")} == before  # not touched again
     assert len(list(sweep.glob("train/*/best_checkpoint.txt"))) == 2
+
+
+def test_trial_table_counts_the_epochs_the_train_run_wrote(tmp_path):
+    """A sweep killed after a trial's last epoch but before Tune saved it: on resume the run has
+    nothing left to train, so Tune holds only the epochs it saw; the run's metrics.csv has them all."""
+    run = tmp_path / "train" / "abc_00001"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("epoch,val_loss,macro_f1\n1,0.9,0.4\n2,0.7,0.6\n")
+    cfg = config.load(NEU, [])
+    seen = pd.DataFrame({"epoch": [1], "val_loss": [0.9], "macro_f1": [0.4]})
+    assert tune._train_history(str(tmp_path), "abc_00001", cfg, seen)["epoch"].tolist() == [1, 2]
+    both = pd.DataFrame({"epoch": [1, 2], "val_loss": [0.9, 0.7], "macro_f1": [0.4, 0.6]})
+    assert tune._train_history(str(tmp_path), "abc_00001", cfg, both) is both
+    assert tune._train_history(str(tmp_path), "other", cfg, seen) is seen
