@@ -12,6 +12,7 @@ Bad input raises DataError naming the file or row and the problem (or, with
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -269,39 +270,38 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
 
 # --- images -----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _opened(data: bytes, name: str):
+    """The PIL image of ``data``; what PIL cannot read becomes a DataError naming ``name``."""
+    if not data:
+        raise DataError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            yield im
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: unreadable or truncated image ({e})") from None
+
+
 def decode_image(data: bytes, in_chans: int = 1, name: str = "image") -> np.ndarray:
     """Decode image bytes to a (H, W, in_chans) uint8 array.
 
     Grayscale stored as RGB (both real sets are R=G=B) becomes one channel for ``in_chans=1``;
     a one-channel image is repeated for ``in_chans=3``. Raises DataError naming ``name``.
     """
-    if not data:
-        raise DataError(f"{name}: empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if in_chans == 1 and im.format == "JPEG":
-                im.draft("L", im.size)  # let libjpeg emit luma directly: no RGB round trip
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            array = np.asarray(im)
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: unreadable or truncated image ({e})") from None
+    with _opened(data, name) as im:
+        if in_chans == 1 and im.format == "JPEG":
+            im.draft("L", im.size)  # let libjpeg emit luma directly: no RGB round trip
+        array = np.asarray(im.convert("L" if in_chans == 1 else "RGB"))
     return array[:, :, None] if array.ndim == 2 else array
 
 
 def probe_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
     """(format, height, width) from the header alone, without decoding the pixels; raises DataError
     naming ``name`` as ``decode_image`` would for empty and non-image bytes."""
-    if not data:
-        raise DataError(f"{name}: empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format or "", im.height, im.width
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: unreadable or truncated image ({e})") from None
+    with _opened(data, name) as im:
+        return im.format or "", im.height, im.width
 
 
 def load_image(uri: str, in_chans: int = 1, s3: S3Config | None = None) -> np.ndarray:
