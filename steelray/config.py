@@ -170,7 +170,7 @@ class ScoreConfig:
                                    # actors, or the model actors (nvJPEG on GPU; only JPEG bytes cross
                                    # the object store and the CPU tasks only read: for GPU nodes with
                                    # few CPUs; on 16 CPUs per H100 it was not faster, docs/benchmarks.md).
-                                   # Known gap: on GPU a JPEG corrupt inside is scored, not an error row
+                                   # Both check JPEG structure on the CPU first: the same error rows
     decode_batch: int = _f(32, min=1)    # images per read+decode task
     read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
     rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)

@@ -272,14 +272,19 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
 
 @contextlib.contextmanager
 def _opened(data: bytes, name: str):
-    """The PIL image of ``data``; what PIL cannot read becomes a DataError naming ``name``."""
+    """The PIL image of ``data``; what PIL cannot read, and a JPEG whose structure is broken, become a
+    DataError naming ``name``."""
     if not data:
         raise DataError(f"{name}: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and (problem := jpeg_structure_error(data)):
+                raise OSError(f"corrupt JPEG data: {problem}")
             yield im
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except Image.DecompressionBombError as e:  # a corrupt header can claim billions of pixels
+        raise DataError(f"{name}: unreadable image ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: unreadable or truncated image ({e})") from None
 
@@ -302,6 +307,138 @@ def probe_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
     naming ``name`` as ``decode_image`` would for empty and non-image bytes."""
     with _opened(data, name) as im:
         return im.format or "", im.height, im.width
+
+
+# --- JPEG structure -----------------------------------------------------------------------------
+# libjpeg (PIL's and torchvision's CPU decoder) rejects a JPEG only when its marker structure is
+# broken: a bad table or header, a marker where none can be. Damage that keeps the structure decodes,
+# with warnings, to a damaged picture. GPU decoders (nvJPEG) are laxer still, so a file that libjpeg
+# rejects can come out of the GPU as an image. ``jpeg_structure_error`` walks the markers without
+# decoding (~0.1 ms for a Severstal sheet, 1/30 of a decode) and names what is broken; over 60,000
+# random corruptions of real sheets it rejected every file libjpeg rejected, and some it decoded
+# (benchmarks/jpeg_check.py). No library does this without decoding, hence our own.
+
+_SEQUENTIAL = {0xC0, 0xC1, 0xC3, 0xC5, 0xC7, 0xC9, 0xCB, 0xCD, 0xCF}  # each component in one scan
+_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
+_LOSSLESS = {0xC3, 0xC7, 0xCB, 0xCF}  # (also sequential)
+_HUFFMAN = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}  # the others are arithmetic-coded
+_SKIPPED = {0xCC, 0xDC, 0xDF, 0xFE, *range(0xE0, 0xF0)}  # DAC, DNL, EXP, COM, APPn: passed over by length
+_SEGMENTS = _SEQUENTIAL | _PROGRESSIVE | _LOSSLESS | _SKIPPED | {0xC4, 0xDA, 0xDB, 0xDD}
+
+
+def _codes_overflow(counts: np.ndarray) -> bool:
+    """Whether canonical Huffman codes with ``counts[l - 1]`` codes of length l run out of bit
+    patterns (libjpeg also refuses the all-ones code)."""
+    code, last = 0, int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
+    for length in range(1, last + 1):
+        code += int(counts[length - 1])
+        if code >= 1 << length:
+            return True
+        code <<= 1
+    return False
+
+
+def _segment_error(m: int, seg: np.ndarray, state: dict) -> str | None:
+    """What is wrong with the body ``seg`` of the segment whose marker is ``m`` (None: nothing).
+    ``state`` carries the frame's components and the tables defined so far."""
+    n = len(seg)
+    if m in _SEQUENTIAL or m in _PROGRESSIVE:
+        nf = int(seg[5]) if n > 5 else 0
+        if state["frame"] is not None:
+            return "a second frame header"
+        if nf == 0 or n != 6 + 3 * nf or seg[0] not in (8, 12, 16) or not (seg[3] or seg[4]):
+            return "a bad frame header"
+        comps = seg[6:].reshape(nf, 3)
+        if ((comps[:, 1] >> 4) - 1 > 3).any() or ((comps[:, 1] & 15) - 1 > 3).any() or (comps[:, 2] > 3).any():
+            return "a bad frame header"  # sampling factors 1..4 (uint8: 0 - 1 wraps), tables 0..3
+        state["frame"], state["components"] = m, {int(c): int(q) for c, q in comps[:, [0, 2]]}
+    elif m == 0xDA:
+        ns = int(seg[0]) if n else 0
+        if state["frame"] is None or not 1 <= ns <= 4 or n != 4 + 2 * ns:
+            return "a bad scan header"
+        ids, tables = seg[1:1 + 2 * ns:2].tolist(), seg[2:2 + 2 * ns:2].tolist()
+        ss, se, ah, al = int(seg[-3]), int(seg[-2]), int(seg[-1]) >> 4, int(seg[-1]) & 15
+        if not set(ids) <= state["components"].keys() or any(t >> 4 > 3 or t & 15 > 3 for t in tables):
+            return "a bad scan header"
+        if state["frame"] in _PROGRESSIVE:
+            if se > 63 or ss > se or (ss == 0) != (se == 0) or (ss and ns != 1) or (ah and al != ah - 1) or al > 13:
+                return "bad progressive scan parameters"
+            needed = [(1, t & 15) if ss else (0, t >> 4) for t in tables] if ss or not ah else []
+        else:
+            if state["scanned"] & set(ids):
+                return "a second scan of the same component"
+            needed = [(0, t >> 4) for t in tables] + [(1, t & 15) for t in tables]
+        supplied = 2 if state["frame"] in _SEQUENTIAL else 0  # libjpeg's defaults for 0 and 1 (Motion JPEG)
+        if state["frame"] in _HUFFMAN and any(k[1] >= supplied and k not in state["huffman"] for k in needed):
+            return "a scan using a Huffman table never defined"
+        if state["frame"] not in _LOSSLESS and any(state["components"][c] not in state["quant"] for c in ids):
+            return "a scan using a quantisation table never defined"
+        state["scanned"] |= set(ids)
+    elif m == 0xC4:  # Huffman tables: class and id, 16 code counts, that many symbols
+        i = 0
+        while i < n:
+            counts = seg[i + 1:i + 17].astype(np.int64)
+            if i + 17 > n or seg[i] >> 4 > 1 or seg[i] & 15 > 3 or i + 17 + counts.sum() > n:
+                return "a bad Huffman table"
+            if _codes_overflow(counts) or (seg[i] >> 4 == 0 and state["frame"] not in _LOSSLESS
+                                           and (seg[i + 17:i + 17 + counts.sum()] > 15).any()):
+                return "a bad Huffman table"  # as libjpeg's jpeg_make_d_derived_tbl: DC symbols <= 15
+            state["huffman"].add((int(seg[i]) >> 4, int(seg[i]) & 15))
+            i += 17 + int(counts.sum())
+    elif m == 0xDB:  # quantisation tables: precision and id, 64 values of 1 or 2 bytes
+        i = 0
+        while i < n:
+            size = {0: 65, 1: 129}.get(int(seg[i]) >> 4, 0)
+            if not size or seg[i] & 15 > 3 or i + size > n:
+                return "a bad quantisation table"
+            state["quant"].add(int(seg[i]) & 15)
+            i += size
+    elif m == 0xDD:
+        if n != 2:
+            return "a bad restart interval"
+        state["restart"] = int(seg[0]) << 8 | int(seg[1])
+    return None
+
+
+def jpeg_structure_error(data: bytes) -> str | None:
+    """What breaks the marker structure of a JPEG, with its byte offset; None when the structure is
+    sound, when ``data`` is no JPEG, and when it ends early (the decoder calls that truncated)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    a = np.frombuffer(data, np.uint8)
+    n, ends = len(a), data[-2:] == b"\xff\xd9"
+    ff = np.flatnonzero(a[:-1] == 0xFF)
+    after = a[ff + 1]
+    is_rst = (after >= 0xD0) & (after <= 0xD7)
+    markers = ff[(after != 0) & (after != 0xFF) & ~is_rst]  # not stuffed zeros, fill bytes, restarts
+    restarts, restart_codes = ff[is_rst], after[is_rst]
+    state = {"frame": None, "components": {}, "scanned": set(), "restart": 0, "huffman": set(), "quant": set()}
+    pos = 2
+    while True:
+        while pos + 1 < n and a[pos] == 0xFF and a[pos + 1] == 0xFF:
+            pos += 1
+        if pos + 4 > n or (a[pos] == 0xFF and a[pos + 1] == 0xD9):
+            return None
+        if a[pos] != 0xFF:
+            return f"marker expected at byte {pos}, found 0x{a[pos]:02X}"
+        m, length = int(a[pos + 1]), int(a[pos + 2]) << 8 | int(a[pos + 3])
+        if m not in _SEGMENTS:
+            return f"marker 0xFF{m:02X} where none can be, at byte {pos}"
+        if length < 2 or pos + 2 + length > n:
+            return f"the segment at byte {pos} (0xFF{m:02X}) runs past the end" if ends else None
+        if problem := _segment_error(m, a[pos + 4:pos + 2 + length], state):
+            return f"{problem} at byte {pos}"
+        pos += 2 + length
+        if m == 0xDA:  # entropy-coded data, up to the next marker that is not a restart
+            k = int(np.searchsorted(markers, pos))
+            end = int(markers[k]) if k < len(markers) else n
+            lo, hi = np.searchsorted(restarts, [pos, end])
+            codes = restart_codes[lo:hi]
+            if len(codes) and (not state["restart"] or (codes != 0xD0 + np.arange(len(codes)) % 8).any()):
+                return f"restart marker out of place in the scan data after byte {pos}"
+            if k == len(markers):
+                return None
+            pos = end
 
 
 def load_image(uri: str, in_chans: int = 1, s3: S3Config | None = None) -> np.ndarray:

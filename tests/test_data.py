@@ -287,6 +287,114 @@ def test_one_channel_repeated_for_three():
     assert out.shape == (8, 8, 3) and (out[..., 0] == out[..., 2]).all()
 
 
+
+def _encodings(sheet: bytes) -> dict[str, bytes]:
+    """The sheet re-encoded the ways cameras and tools write JPEGs."""
+    import io
+
+    from PIL import Image
+
+    im, out = Image.open(io.BytesIO(sheet)), {"as written": sheet}
+    for name, mode, kw in [("progressive", "L", dict(progressive=True)), ("optimised", "L", dict(optimize=True)),
+                           ("restart markers", "L", dict(restart_marker_blocks=3)),
+                           ("progressive with restarts", "L", dict(progressive=True, restart_marker_rows=1)),
+                           ("exif", "L", dict(exif=b"Exif\x00\x00" + bytes(range(256)) * 4)),
+                           ("rgb 4:4:4", "RGB", dict(subsampling=0)), ("rgb progressive", "RGB", dict(progressive=True))]:
+        buf = io.BytesIO()
+        im.convert(mode).save(buf, format="JPEG", **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def _libjpeg_rejects(blob: bytes) -> bool:
+    """PIL's libjpeg decoding the whole image, without steelray's structure check."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im.convert("L")
+        return False
+    except Exception:  # OSError, SyntaxError, DecompressionBombError: rejected either way
+        return True
+
+
+def test_sound_jpegs_pass_the_structure_check(sheets, request):
+    blobs = [p.read_bytes() for p in sorted(Path(sheets.images).iterdir())[:3]]
+    try:  # the real sample too where it is present; the synthetic sheets alone where not
+        blobs += [p.read_bytes() for p in sorted((request.getfixturevalue("severstal_real") / "train_images").iterdir())]
+    except pytest.skip.Exception:
+        pass
+    for blob in blobs[:1] + blobs[-1:]:
+        for name, encoded in _encodings(blob).items():
+            assert data.jpeg_structure_error(encoded) is None, name
+            data.probe_image(encoded, name)
+    assert all(data.jpeg_structure_error(b) is None for b in blobs)
+
+
+def _with(blob: bytes, at: int, new: bytes) -> bytes:
+    return blob[:at] + new + blob[at + len(new):]
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda b: _with(b, len(b) // 2, b"\xff\xc1\x00\x0b"), "a second frame header"),
+    (lambda b: _with(b, len(b) // 2, b"\xff\x05"), "marker 0xFF05 where none can be"),
+    (lambda b: _with(b, len(b) // 2, b"\xff\xd3"), "restart marker out of place"),
+    (lambda b: _with(b, b.index(b"\xff\xc4") + 5, b"\x03\x03"), "a bad Huffman table"),  # 1+3+3 codes of <= 2 bits
+    (lambda b: _with(b, b.index(b"\xff\xdb") + 4, b"\x27"), "not an image"),  # PIL's header parse says so
+    (lambda b: b[:len(b) // 2] + b[b.index(b"\xff\xda"):], "a second scan of the same component"),
+    (lambda b: _with(b, len(b) // 2, b"\xff\xc4\xff\xf0"), "runs past the end"),
+])
+def test_broken_jpeg_structure_is_named(sheets, damage, says):
+    """Each a JPEG that libjpeg refuses or decodes to a damaged picture; the probe names it."""
+    blob = damage(next(Path(sheets.images).iterdir()).read_bytes())
+    assert blob[:2] == b"\xff\xd8" and blob[-2:] == b"\xff\xd9"
+    with pytest.raises(DataError, match=f"sheet.jpg: (unreadable or truncated image \\(corrupt JPEG data: .*)?({says})"):
+        data.probe_image(blob, "sheet.jpg")
+    with pytest.raises(DataError, match=says):
+        data.decode_image(blob, 1, "sheet.jpg")
+
+
+def test_truncated_and_huge_headers_are_errors_not_crashes(sheets):
+    blob = next(Path(sheets.images).iterdir()).read_bytes()
+    assert data.jpeg_structure_error(blob[:len(blob) // 2]) is None  # no end marker: the decoder says truncated
+    with pytest.raises(DataError, match="truncated"):
+        data.decode_image(blob[:len(blob) // 2], 1, "half.jpg")
+    sof = blob.index(b"\xff\xc0")
+    huge = _with(blob, sof + 5, b"\xfe\x21\x98\xc8")  # 65,057 x 39,112 pixels claimed
+    with pytest.raises(DataError, match="huge.jpg: unreadable image .*exceeds limit"):
+        data.probe_image(huge, "huge.jpg")
+
+
+def test_the_probe_rejects_every_jpeg_libjpeg_rejects(sheets):
+    """Random damage (noise, cuts, insertions; in the data and in the tables) to synthetic sheets in
+    three encodings: whatever libjpeg refuses to decode, the header probe refuses too, which is what
+    lets nvJPEG decode in the actors (benchmarks/jpeg_check.py runs this at scale on real sheets)."""
+    encodings = _encodings(next(Path(sheets.images).iterdir()).read_bytes())
+    pool = [encodings[k] for k in ("as written", "progressive with restarts", "rgb 4:4:4")]
+    rng, rejected, missed = np.random.default_rng(0), 0, []
+    for trial in range(400):
+        b = bytearray(pool[trial % 3])
+        n = int(rng.integers(1, 4)) if trial % 2 else int(rng.choice([1, 20, 500]))
+        at = int(rng.integers(2, 700)) if trial % 2 else int(rng.integers(len(b) // 8, len(b) - n - 2))
+        kind = trial // 2 % 3
+        if kind == 0:
+            b[at:at + n] = rng.bytes(n)
+        elif kind == 1:
+            del b[at:at + n]
+        else:
+            b[at:at] = rng.bytes(n)
+        if _libjpeg_rejects(bytes(b)):
+            rejected += 1
+            try:
+                data.probe_image(bytes(b))
+                missed.append(trial)
+            except DataError:
+                pass
+    assert rejected > 60 and not missed, (rejected, missed)
+
+
 # --- splits and targets ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

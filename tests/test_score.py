@@ -344,13 +344,20 @@ def probed_batch(uris: list[str], plan) -> dict:
                                 retries=0, threads=4)
 
 
-def scored_both_ways(plan, uris: list[str], device: str = "cpu", **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The same files scored after the decode tasks (fp32, CPU) and decoded in the actor on ``device``."""
+def scored_both_ways(plan, uris: list[str], device: str = "cpu", past_the_probe: str = "",
+                     **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The same files scored after the decode tasks (fp32, CPU) and decoded in the actor on ``device``.
+    The file named ``past_the_probe`` reaches the actor though the probe refused it, as a file the
+    actor's decoder rejects when the probe did not would."""
     ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
     decoded = score.read_and_decode({"image_id": ids, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
                                     expect_size=plan.expect_size, s3=None, retries=0, threads=4)
     tasks = score.Scorer(plan, None, "cpu", 0)(decoded).to_pandas()
-    actor = score.Scorer(plan, None, device, 0, decode=True, **kw)(probed_batch(list(uris), plan)).to_pandas()
+    probed = probed_batch(list(uris), plan)
+    for i in np.flatnonzero(ids == past_the_probe):
+        assert probed["error"][i]
+        probed["error"][i], probed["blob"][i] = "", open(uris[i], "rb").read()
+    actor = score.Scorer(plan, None, device, 0, decode=True, **kw)(probed).to_pandas()
     return tasks, actor
 
 
@@ -362,8 +369,11 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
     png = io.BytesIO()
     Image.open(io.BytesIO(files[sorted(files)[0]])).save(png, format="PNG")  # not a JPEG: the CPU decoder
     files["png.png"] = png.getvalue()
-    files["corrupt.jpg"] = corrupt_middle(files[sorted(files)[0]])  # fails the batched call: one by one
-    for name in ("png.png", "corrupt.jpg"):
+    files["corrupt.jpg"] = corrupt_middle(files[sorted(files)[0]])  # the probe finds it broken
+    first = files[sorted(files)[0]]
+    sof = first.index(b"\xff\xc0")
+    files["bits12.jpg"] = first[:sof + 4] + b"\x0c" + first[sof + 5:]  # 12-bit: fails the batched call
+    for name in ("png.png", "corrupt.jpg", "bits12.jpg"):
         (tmp_path / "in" / name).write_bytes(files[name])
     uris = [str(tmp_path / "in" / name) for name in sorted(files)]
     big = make_checkpoint(tmp_path / "big", "multilabel", "resnet10t", size=(128, 640))
@@ -371,10 +381,12 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
                            (1e-5, [f"score.checkpoint={ckpts['segmenter']}"]),
                            (5e-3, [f"score.checkpoint={big}", f"score.segmenter={ckpts['segmenter']}"])]:
         plan = score.make_plan(job(*overrides).score, None)
-        tasks, actor = scored_both_ways(plan, uris)
+        tasks, actor = scored_both_ways(plan, uris, past_the_probe="bits12.jpg")
         assert list(actor.error.fillna("")) == list(tasks.error.fillna("")), overrides
-        assert actor.error.notna().sum() == 5 and "png.png" in set(actor[actor.error.isna()].image_id)
-        assert "corrupt.jpg: unreadable" in actor.set_index("image_id").error["corrupt.jpg"]
+        assert actor.error.notna().sum() == 6 and "png.png" in set(actor[actor.error.isna()].image_id)
+        errors = actor.set_index("image_id").error
+        assert "corrupt.jpg: unreadable or truncated image (corrupt JPEG data" in errors["corrupt.jpg"]
+        assert "bits12.jpg: not an image" in errors["bits12.jpg"]  # named by the CPU decoder after the batch failed
         good = tasks.error.isna()
         probs = [c for c in tasks.columns if "prob_" in c]
         # same decoded pixels; resized alike at 1600/320 (5x), within a grey level at 1600/640 (2.5x)
@@ -425,13 +437,10 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="known gap, found on an H100 2026-11-23: the JPEG with noise inside, which "
-                   "libjpeg rejects, is not rejected by the GPU path (nvJPEG decodes it), so it is scored "
-                   "instead of becoming an error row; score.decode=actor is not the default")
 def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets, ckpts):
     """score.decode=actor on CUDA (nvJPEG, batched) against the CPU decode tasks: the same error rows
-    (the truncated JPEG goes to the CPU decoder; the one with noise inside must be rejected as
-    libjpeg rejects it, which on 2026-11-23 it was not: see the xfail), the same predictions within
+    (the truncated JPEG goes to the CPU decoder; the one with noise inside, which nvJPEG decodes,
+    is refused by the probe's structure check as libjpeg refuses it), the same predictions within
     fp32 on GPU."""
     files = put_inputs(sheets, str(tmp_path / "in"), n=8)
     (tmp_path / "in" / "corrupt.jpg").write_bytes(corrupt_middle(files[sorted(files)[0]]))
