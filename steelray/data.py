@@ -12,6 +12,7 @@ Bad input raises DataError naming the file or row and the problem (or, with
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import hashlib
@@ -326,39 +327,42 @@ _SKIPPED = {0xCC, 0xDC, 0xDF, 0xFE, *range(0xE0, 0xF0)}  # DAC, DNL, EXP, COM, A
 _SEGMENTS = _SEQUENTIAL | _PROGRESSIVE | _LOSSLESS | _SKIPPED | {0xC4, 0xDA, 0xDB, 0xDD}
 
 
-def _codes_overflow(counts: np.ndarray) -> bool:
+def _codes_overflow(counts: bytes) -> bool:
     """Whether canonical Huffman codes with ``counts[l - 1]`` codes of length l run out of bit
     patterns (libjpeg also refuses the all-ones code)."""
-    code, last = 0, int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
-    for length in range(1, last + 1):
-        code += int(counts[length - 1])
+    code = 0
+    for length, count in enumerate(counts.rstrip(b"\x00"), start=1):
+        code += count
         if code >= 1 << length:
             return True
         code <<= 1
     return False
 
 
-def _segment_error(m: int, seg: np.ndarray, state: dict) -> str | None:
+def _segment_error(m: int, seg: bytes, state: dict) -> str | None:
     """What is wrong with the body ``seg`` of the segment whose marker is ``m`` (None: nothing).
     ``state`` carries the frame's components and the tables defined so far."""
     n = len(seg)
     if m in _SEQUENTIAL or m in _PROGRESSIVE:
-        nf = int(seg[5]) if n > 5 else 0
+        nf = seg[5] if n > 5 else 0
         if state["frame"] is not None:
             return "a second frame header"
         if nf == 0 or n != 6 + 3 * nf or seg[0] not in (8, 12, 16) or not (seg[3] or seg[4]):
             return "a bad frame header"
-        comps = seg[6:].reshape(nf, 3)
-        if ((comps[:, 1] >> 4) - 1 > 3).any() or ((comps[:, 1] & 15) - 1 > 3).any() or (comps[:, 2] > 3).any():
-            return "a bad frame header"  # sampling factors 1..4 (uint8: 0 - 1 wraps), tables 0..3
-        state["frame"], state["components"] = m, {int(c): int(q) for c, q in comps[:, [0, 2]]}
+        comps = [seg[6 + 3 * i:9 + 3 * i] for i in range(nf)]  # id, sampling factors, table
+        if any(not 1 <= f >> 4 <= 4 or not 1 <= f & 15 <= 4 or q > 3 for _, f, q in comps):
+            return "a bad frame header"
+        state["frame"], state["components"] = m, {c: q for c, _, q in comps}
+        state["blocks"] = {c: (f >> 4) * (f & 15) for c, f, _ in comps}
     elif m == 0xDA:
-        ns = int(seg[0]) if n else 0
+        ns = seg[0] if n else 0
         if state["frame"] is None or not 1 <= ns <= 4 or n != 4 + 2 * ns:
             return "a bad scan header"
-        ids, tables = seg[1:1 + 2 * ns:2].tolist(), seg[2:2 + 2 * ns:2].tolist()
-        ss, se, ah, al = int(seg[-3]), int(seg[-2]), int(seg[-1]) >> 4, int(seg[-1]) & 15
-        if not set(ids) <= state["components"].keys() or any(t >> 4 > 3 or t & 15 > 3 for t in tables):
+        ids, tables = seg[1:1 + 2 * ns:2], seg[2:2 + 2 * ns:2]
+        ss, se, ah, al = seg[-3], seg[-2], seg[-1] >> 4, seg[-1] & 15
+        if (not set(ids) <= state["components"].keys() or len(set(ids)) != ns
+                or any(t >> 4 > 3 or t & 15 > 3 for t in tables)
+                or (ns > 1 and sum(state["blocks"][c] for c in ids) > 10)):  # libjpeg's MCU limit
             return "a bad scan header"
         if state["frame"] in _PROGRESSIVE:
             if se > 63 or ss > se or (ss == 0) != (se == 0) or (ss and ns != 1) or (ah and al != ah - 1) or al > 13:
@@ -377,61 +381,64 @@ def _segment_error(m: int, seg: np.ndarray, state: dict) -> str | None:
     elif m == 0xC4:  # Huffman tables: class and id, 16 code counts, that many symbols
         i = 0
         while i < n:
-            counts = seg[i + 1:i + 17].astype(np.int64)
-            if i + 17 > n or seg[i] >> 4 > 1 or seg[i] & 15 > 3 or i + 17 + counts.sum() > n:
+            kind, counts = seg[i], seg[i + 1:i + 17]
+            size = 17 + sum(counts)
+            if i + 17 > n or kind >> 4 > 1 or kind & 15 > 3 or i + size > n or _codes_overflow(counts):
                 return "a bad Huffman table"
-            if _codes_overflow(counts) or (seg[i] >> 4 == 0 and state["frame"] not in _LOSSLESS
-                                           and (seg[i + 17:i + 17 + counts.sum()] > 15).any()):
+            if kind >> 4 == 0 and state["frame"] not in _LOSSLESS and max(seg[i + 17:i + size], default=0) > 15:
                 return "a bad Huffman table"  # as libjpeg's jpeg_make_d_derived_tbl: DC symbols <= 15
-            state["huffman"].add((int(seg[i]) >> 4, int(seg[i]) & 15))
-            i += 17 + int(counts.sum())
+            state["huffman"].add((kind >> 4, kind & 15))
+            i += size
     elif m == 0xDB:  # quantisation tables: precision and id, 64 values of 1 or 2 bytes
         i = 0
         while i < n:
-            size = {0: 65, 1: 129}.get(int(seg[i]) >> 4, 0)
+            size = {0: 65, 1: 129}.get(seg[i] >> 4, 0)
             if not size or seg[i] & 15 > 3 or i + size > n:
                 return "a bad quantisation table"
-            state["quant"].add(int(seg[i]) & 15)
+            state["quant"].add(seg[i] & 15)
             i += size
     elif m == 0xDD:
         if n != 2:
             return "a bad restart interval"
-        state["restart"] = int(seg[0]) << 8 | int(seg[1])
+        state["restart"] = seg[0] << 8 | seg[1]
     return None
 
 
 def jpeg_structure_error(data: bytes) -> str | None:
     """What breaks the marker structure of a JPEG, with its byte offset; None when the structure is
     sound, when ``data`` is no JPEG, and when it ends early (the decoder calls that truncated)."""
+    data = bytes(data)
     if data[:2] != b"\xff\xd8":
         return None
     a = np.frombuffer(data, np.uint8)
-    n, ends = len(a), data[-2:] == b"\xff\xd9"
+    n, ends = len(data), data[-2:] == b"\xff\xd9"
     ff = np.flatnonzero(a[:-1] == 0xFF)
     after = a[ff + 1]
     is_rst = (after >= 0xD0) & (after <= 0xD7)
-    markers = ff[(after != 0) & (after != 0xFF) & ~is_rst]  # not stuffed zeros, fill bytes, restarts
+    markers = ff[(after != 0) & (after != 0xFF) & ~is_rst].tolist()  # not stuffed zeros, fill, restarts
     restarts, restart_codes = ff[is_rst], after[is_rst]
     state = {"frame": None, "components": {}, "scanned": set(), "restart": 0, "huffman": set(), "quant": set()}
     pos = 2
     while True:
-        while pos + 1 < n and a[pos] == 0xFF and a[pos + 1] == 0xFF:
+        while data[pos:pos + 2] == b"\xff\xff":
             pos += 1
-        if pos + 4 > n or (a[pos] == 0xFF and a[pos + 1] == 0xD9):
+        if data[pos:pos + 2] == b"\xff\xd9":
+            return None if state["scanned"] else f"the end-of-image marker at byte {pos}, before any image data"
+        if pos + 4 > n:
             return None
-        if a[pos] != 0xFF:
-            return f"marker expected at byte {pos}, found 0x{a[pos]:02X}"
-        m, length = int(a[pos + 1]), int(a[pos + 2]) << 8 | int(a[pos + 3])
+        if data[pos] != 0xFF:
+            return f"marker expected at byte {pos}, found 0x{data[pos]:02X}"
+        m, length = data[pos + 1], data[pos + 2] << 8 | data[pos + 3]
         if m not in _SEGMENTS:
             return f"marker 0xFF{m:02X} where none can be, at byte {pos}"
         if length < 2 or pos + 2 + length > n:
             return f"the segment at byte {pos} (0xFF{m:02X}) runs past the end" if ends else None
-        if problem := _segment_error(m, a[pos + 4:pos + 2 + length], state):
+        if problem := _segment_error(m, data[pos + 4:pos + 2 + length], state):
             return f"{problem} at byte {pos}"
         pos += 2 + length
         if m == 0xDA:  # entropy-coded data, up to the next marker that is not a restart
-            k = int(np.searchsorted(markers, pos))
-            end = int(markers[k]) if k < len(markers) else n
+            k = bisect.bisect_left(markers, pos)
+            end = markers[k] if k < len(markers) else n
             lo, hi = np.searchsorted(restarts, [pos, end])
             codes = restart_codes[lo:hi]
             if len(codes) and (not state["restart"] or (codes != 0xD0 + np.arange(len(codes)) % 8).any()):
@@ -439,7 +446,6 @@ def jpeg_structure_error(data: bytes) -> str | None:
             if k == len(markers):
                 return None
             pos = end
-
 
 def load_image(uri: str, in_chans: int = 1, s3: S3Config | None = None) -> np.ndarray:
     """Read and decode one image from a local path or s3:// URI."""
