@@ -365,7 +365,7 @@ class Scorer:
     """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
 
     def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False,
-                 precision: str = "auto", decode: bool = False):
+                 precision: str = "auto", decode: bool = False, batch: int = 0):
         import torch
 
         from steelray import checkpoint, presets
@@ -374,6 +374,10 @@ class Scorer:
             torch.set_num_threads(threads)
         self.torch, self.presets = torch, presets
         self.plan, self.device, self.decode = plan, torch.device(device), decode
+        # A compiled model is specialised to one batch shape; a short batch (the last one, a block's
+        # end, rows dropped as errors, the sheets a cascade gate flags) would compile it again
+        # (~10-30 s on CPU): pad every forward pass to ``batch`` rows instead.
+        self.pad_to = batch if compile else 0
         if precision == "auto":
             precision = "bf16-mixed" if self.device.type == "cuda" else "fp32"
         self.autocast = precision == "bf16-mixed"
@@ -396,10 +400,13 @@ class Scorer:
             with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
                 warnings.simplefilter("ignore", UserWarning)
                 images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        n = len(images)
+        if n < self.pad_to:
+            images = torch.cat([images, images.new_zeros((self.pad_to - n, *images.shape[1:]))])
         x = self.presets.normalize_batch(images.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         x = x.to(self.dtype)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.models[info.uri](x).float()
+            logits = self.models[info.uri](x)[:n].float()
         if info.task == "multiclass":
             return logits.softmax(1)
         return logits.sigmoid()
@@ -720,7 +727,8 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     ds = ds.map_batches(
         Scorer, batch_size=model_batch(sc, device), batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
-                               "compile": sc.compile, "precision": sc.precision, "decode": in_actor},
+                               "compile": sc.compile, "precision": sc.precision, "decode": in_actor,
+                               "batch": model_batch(sc, device)},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
         num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
