@@ -1,13 +1,16 @@
 """Scoring throughput and memory, side by side in one run on one machine.
 
     .ci/in-venv python benchmarks/score_bench.py [--n 600] [--rounds 1] [--model resnet18] [--size 128 800]
+                                                 [--compile off on] [--bare-n 480]
                                                  [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
 
 1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
    wall time of the whole job, start-up and verification included) against the same model's bare
    forward pass over pre-decoded, pre-resized uint8 tensors (the ceiling), and against a naive loop
    that reads, decodes, resizes and predicts one image at a time (the notebook way). Same model,
-   same torch thread count, same sheets.
+   same torch thread count, same sheets. ``--compile on`` runs the job with ``score.compile=true``
+   against a compiled bare model (its compile outside the timing; the job's inside it, in the
+   actor); the naive loop stays eager, as a notebook runs it.
 2. Memory: the scoring job over ``--mem-n`` sheets (a small model, so the data path dominates),
    peak machine memory in use above the idle baseline (MemTotal - MemAvailable, sampled every
    0.1 s; Ray's object store is shared memory and counted). Streaming should keep it roughly flat.
@@ -65,11 +68,14 @@ def normalise(x: torch.Tensor, pre: models.Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
-def bare_forward(ckpt: str, images: list[np.ndarray], batch: int, threads: int) -> float:
+def bare_forward(ckpt: str, images: list[np.ndarray], batch: int, threads: int, compile: bool = False) -> float:
     """Images/s of the model alone on tensors already decoded and resized (uint8 NHWC, as the actors get)."""
     torch.set_num_threads(threads)
     model, meta = checkpoint.load_model(ckpt)
     model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, dynamic=False)
+        images = images[:len(images) // batch * batch]  # whole batches: one shape, one compile
     pre = models.Preprocess.from_dict(meta["preprocess"])
     stack = torch.from_numpy(np.stack(images))
     with torch.inference_mode():
@@ -124,11 +130,11 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int) -> score.Summary:
+def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int, compile: bool = False) -> score.Summary:
     shutil.rmtree(output, ignore_errors=True)
     job = config.load(None, [f"score.input={inputs}", f"score.checkpoint={ckpt}", f"score.output={output}",
                              f"score.batch_size={batch}", f"score.actor_threads={threads}", "score.actor_cpus=1",
-                             "score.decode_batch=32"], config.ScoreJob)
+                             "score.decode_batch=32", f"score.compile={str(compile).lower()}"], config.ScoreJob)
     return score.run(job)
 
 
@@ -154,6 +160,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, for every contender")
     ap.add_argument("--naive-n", type=int, default=100, help="sheets for the (slow) naive loop")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of bare / job / naive, side by side")
+    ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
+                    help="score.compile for the job (and torch.compile for the bare model); several: each in every round")
+    ap.add_argument("--bare-n", type=int, default=0, help="pre-decoded sheets for the bare model (0: --n)")
     ap.add_argument("--mem-model", default="mobilenetv3_small_050")
     ap.add_argument("--mem-size", type=int, nargs=2, default=[64, 400], metavar=("H", "W"))
     ap.add_argument("--mem-n", type=int, nargs="*", default=[1000, 5000])
@@ -180,28 +189,34 @@ def main() -> None:
     uris = sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))
     print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
           f"{args.n} sheets, {args.rounds} round(s)")
-    ratios = []
+    ratios: dict[str, list[tuple[float, float, float]]] = {c: [] for c in args.compile}
+    bare_images = decoded[:args.bare_n or args.n]
     for r in range(args.rounds):
-        bare_before = bare_forward(ckpt, decoded, args.batch, args.threads)
-        summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch, args.threads)
-        pipeline = summary.images_per_s
-        steady = steady_rate(os.path.join(work, "out-eff"))
-        bare_after = bare_forward(ckpt, decoded, args.batch, args.threads)
-        bare = (bare_before + bare_after) / 2
-        naive = naive_loop(ckpt, uris[:args.naive_n], args.threads)
-        ratios.append((pipeline / bare, steady / bare, pipeline / naive))
         print(f" round {r + 1}:")
-        print(f"  pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
-        print(f"  pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}, "
-              f"steady/naive = {steady / naive:.2f}")
-        print(f"  bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
-              f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}")
-        print(f"  naive one-at-a-time loop        {naive:8.1f} img/s  -> pipeline/naive = {pipeline / naive:.2f}",
-              flush=True)
-    if args.rounds > 1:
-        med = np.median(np.array(ratios), axis=0)
-        print(f" median of {args.rounds} rounds: whole/bare {med[0]:.2f}, steady/bare {med[1]:.2f}, "
-              f"whole/naive {med[2]:.2f}", flush=True)
+        naive = naive_loop(ckpt, uris[:args.naive_n], args.threads)
+        print(f"  naive one-at-a-time loop (eager) {naive:8.1f} img/s", flush=True)
+        for c in args.compile:
+            on = c == "on"
+            bare_before = bare_forward(ckpt, bare_images, args.batch, args.threads, on)
+            summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch,
+                              args.threads, on)
+            pipeline = summary.images_per_s
+            steady = steady_rate(os.path.join(work, "out-eff"))
+            bare_after = bare_forward(ckpt, bare_images, args.batch, args.threads, on)
+            bare = (bare_before + bare_after) / 2
+            ratios[c].append((pipeline / bare, steady / bare, pipeline / naive))
+            print(f"  compile {c}:")
+            print(f"   pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
+            print(f"   pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}, "
+                  f"steady/naive = {steady / naive:.2f}")
+            print(f"   bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
+                  f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}")
+            print(f"   -> pipeline/naive = {pipeline / naive:.2f}", flush=True)
+    for c, rs in ratios.items():
+        if len(rs) > 1:
+            med = np.median(np.array(rs), axis=0)
+            print(f" compile {c}, median of {len(rs)} rounds: whole/bare {med[0]:.2f}, steady/bare {med[1]:.2f}, "
+                  f"whole/naive {med[2]:.2f}", flush=True)
 
     mckpt = make_checkpoint(os.path.join(work, "mckpt"), args.mem_model, tuple(args.mem_size))
     print(f"memory: {args.mem_model} {args.mem_size[0]}x{args.mem_size[1]}, batch 32, full 1600x256 sheets decoded")
