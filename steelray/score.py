@@ -385,11 +385,25 @@ class Scorer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         self.schema = plan.schema()
-        self.models = {}
+        self.models, self.eager = {}, {}
         for info in plan.models:
             module, _ = checkpoint.load_model(info.uri, s3, device)
             module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
+            self.eager[info.uri] = module
             self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
+
+    def _run(self, uri: str, x):
+        """The model on ``x``; when compiling fails on this node (no C++ compiler for the CPU
+        backend, no Triton on GPU...), a warning, and the job goes on with the eager model."""
+        try:
+            return self.models[uri](x)
+        except self.torch._dynamo.exc.BackendCompilerFailed as e:
+            if self.models[uri] is self.eager[uri]:
+                raise
+            log.warning("score.compile: compiling %s failed on this node, scoring without it: %s",
+                        uri, str(e).splitlines()[0])
+            self.models[uri] = self.eager[uri]
+            return self.eager[uri](x)
 
     def _forward(self, info: ModelInfo, images):
         """Probabilities for uint8 NHWC images (numpy, or a tensor already on the device): (N, C)
@@ -406,7 +420,7 @@ class Scorer:
         x = self.presets.normalize_batch(images.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         x = x.to(self.dtype)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.models[info.uri](x)[:n].float()
+            logits = self._run(info.uri, x)[:n].float()
         if info.task == "multiclass":
             return logits.softmax(1)
         return logits.sigmoid()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -428,6 +429,23 @@ def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
         np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-4, equal_nan=True)
         assert list(got.error.fillna("")) == list(want.error.fillna(""))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkeypatch, caplog):
+    """A node without a working C++ compiler (the CPU backend needs one): score.compile warns and
+    the rows are the eager model's, instead of the job failing."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    batch = decoded_batch(sheets, plan, 4)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+        got = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4)(batch).to_pandas()
+    assert "compiling" in caplog.text and "failed on this node" in caplog.text
+    want = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
+    probs = [c for c in want.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, gpus, want", [
