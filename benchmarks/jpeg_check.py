@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from steelray import data
+from steelray import data, synth
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -67,23 +67,6 @@ def sources() -> tuple[list[bytes], list[bytes]]:
     return sev, neu + variants
 
 
-def damaged(rng: np.random.Generator, blob: bytes, where: str) -> bytes:
-    b = bytearray(blob)
-    if where == "header":
-        n, start = int(rng.integers(1, 4)), int(rng.integers(2, 800))
-    else:
-        n = min(int(rng.choice([1, 5, 20, 200, 2000])), len(b) // 4)
-        start = int(rng.integers(len(b) // 8, len(b) - n - 2))
-    kind = rng.integers(3)
-    if kind == 0:
-        b[start:start + n] = rng.bytes(n)
-    elif kind == 1:
-        del b[start:start + n]
-    else:
-        b[start:start] = rng.bytes(n)
-    return bytes(b)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20000)
@@ -97,7 +80,7 @@ def main() -> None:
     pool, rng = sev + others[-30:] + others[:50], np.random.default_rng(args.seed)
     counts = {"both": 0, "libjpeg only": 0, "probe only": 0, "neither": 0}
     for _ in range(args.n):
-        blob = damaged(rng, pool[rng.integers(len(pool))], args.where)
+        blob = synth.damaged(pool[rng.integers(len(pool))], rng, args.where)
         lib, chk = libjpeg_rejects(blob), probe_rejects(blob)
         counts["both" if lib and chk else "libjpeg only" if lib else "probe only" if chk else "neither"] += 1
     print(f"{args.n} damaged files ({args.where}, seed {args.seed}): rejected by", counts)

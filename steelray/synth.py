@@ -328,6 +328,26 @@ def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+
+def damaged(blob: bytes, rng: np.random.Generator, where: str = "anywhere") -> bytes:
+    """``blob`` with one random injury: noise over, a cut of, or an insertion of random bytes.
+    ``anywhere``: 1-2,000 bytes past the first eighth (mostly image data); ``header``: 1-3 bytes
+    in the first 800 (a JPEG's tables). For testing how corrupt files are caught."""
+    b = bytearray(blob)
+    if where == "header":
+        n, at = int(rng.integers(1, 4)), int(rng.integers(2, min(800, len(b) - 4)))
+    else:
+        n = min(int(rng.choice([1, 5, 20, 200, 2000])), len(b) // 4)
+        at = int(rng.integers(len(b) // 8, len(b) - n - 2))
+    kind = rng.integers(3)
+    if kind == 0:
+        b[at:at + n] = rng.bytes(n)
+    elif kind == 1:
+        del b[at:at + n]
+    else:
+        b[at:at] = rng.bytes(n)
+    return bytes(b)
+
 def _write_one(job) -> list[tuple]:
     kind, out, seed, index, params, s3, quality = job
     if kind == "severstal":
