@@ -385,7 +385,7 @@ class Scorer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         self.schema = plan.schema()
-        self.models, self.eager = {}, {}
+        self.models, self.eager, self.proven = {}, {}, set()
         for info in plan.models:
             module, _ = checkpoint.load_model(info.uri, s3, device)
             module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
@@ -393,17 +393,20 @@ class Scorer:
             self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
 
     def _run(self, uri: str, x):
-        """The model on ``x``; when compiling fails on this node (no C++ compiler for the CPU
-        backend, no Triton on GPU...), a warning, and the job goes on with the eager model."""
-        try:
+        """The model on ``x``. A compiled model compiles on its first call; if that fails (no C++
+        compiler for the CPU backend, no Triton on the GPU node, an operator the compiler cannot
+        take), a warning, and the job goes on with the eager model."""
+        if uri in self.proven or self.models[uri] is self.eager[uri]:
             return self.models[uri](x)
-        except self.torch._dynamo.exc.BackendCompilerFailed as e:
-            if self.models[uri] is self.eager[uri]:
-                raise
-            log.warning("score.compile: compiling %s failed on this node, scoring without it: %s",
-                        uri, str(e).splitlines()[0])
+        try:
+            out = self.models[uri](x)
+        except Exception as e:  # noqa: BLE001 - whatever broke the compile, eager is the way on
+            log.warning("score.compile: compiling %s failed on this node, scoring without it: %s: %s",
+                        uri, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
             self.models[uri] = self.eager[uri]
             return self.eager[uri](x)
+        self.proven.add(uri)
+        return out
 
     def _forward(self, info: ModelInfo, images):
         """Probabilities for uint8 NHWC images (numpy, or a tensor already on the device): (N, C)
@@ -719,6 +722,21 @@ def model_batch(sc: ScoreConfig, device: str) -> int:
     return sc.batch_size or (64 if device == "cuda" else 16)
 
 
+# Images per model actor above which ``score.compile=auto`` compiles: where the compile (~20 s per
+# actor, 10-35 s on 2 CPU cores) is paid back by the faster model (docs/benchmarks.md: resnet50 on an
+# H100 ~1,450 -> ~2,000 img/s for the job, break-even ~50,000 images per actor; resnet18 on 2 CPU
+# cores 15-17 -> 19-21 img/s steady, break-even ~2,000).
+COMPILE_FROM = {"cuda": 50_000, "cpu": 2_000}
+
+
+def use_compile(sc: ScoreConfig, device: str, images: int, actors: int) -> bool:
+    """``score.compile``: as set, or for ``auto`` whether each actor has enough images to win back
+    the compile."""
+    if isinstance(sc.compile, bool):
+        return sc.compile
+    return images / max(1, actors) >= COMPILE_FROM[device]
+
+
 def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
               partition: str) -> None:
     import ray
@@ -726,6 +744,9 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
 
     device, actors = placement(sc, ray.cluster_resources().get("GPU", 0))
     threads = sc.actor_threads or max(1, int(sc.actor_cpus))
+    compiled = use_compile(sc, device, len(todo), actors)
+    log.info("scoring %d images on %d %s actor(s), batch %d, %s", len(todo), actors, device,
+             model_batch(sc, device), "compiled" if compiled else "not compiled")
     blocks = max(1, math.ceil(len(todo) / sc.decode_batch))
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo], override_num_blocks=blocks)
     s3_inputs = any(u.startswith("s3://") for _, u in todo)
@@ -741,7 +762,7 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     ds = ds.map_batches(
         Scorer, batch_size=model_batch(sc, device), batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
-                               "compile": sc.compile, "precision": sc.precision, "decode": in_actor,
+                               "compile": compiled, "precision": sc.precision, "decode": in_actor,
                                "batch": model_batch(sc, device)},
         compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
         num_gpus=sc.actor_gpus if device == "cuda" else 0)

@@ -456,6 +456,14 @@ def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want)
     assert score.placement(job(*overrides).score, gpus) == want
 
 
+@pytest.mark.parametrize("setting, device, images, actors, want", [
+    ("auto", "cpu", 1_999, 1, False), ("auto", "cpu", 2_000, 1, True), ("auto", "cpu", 3_000, 2, False),
+    ("auto", "cuda", 40_000, 1, False), ("auto", "cuda", 100_000, 2, True), ("true", "cuda", 10, 1, True),
+    ("false", "cpu", 10**6, 1, False)])
+def test_compile_auto_compiles_where_each_actor_wins_the_compile_back(setting, device, images, actors, want):
+    assert score.use_compile(job(f"score.compile={setting}").score, device, images, actors) is want
+
+
 def test_model_batch_defaults_to_64_on_gpu_and_16_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
     assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (64, 16)
