@@ -374,9 +374,10 @@ class Scorer:
             torch.set_num_threads(threads)
         self.torch, self.presets = torch, presets
         self.plan, self.device, self.decode = plan, torch.device(device), decode
-        # A compiled model is specialised to one batch shape; a short batch (the last one, a block's
-        # end, rows dropped as errors, the sheets a cascade gate flags) would compile it again
-        # (~10-30 s on CPU): pad every forward pass to ``batch`` rows instead.
+        # A compiled model is specialised to one batch shape, and every new shape compiles again
+        # (10-30 s on CPU). Short batches (the last one, rows dropped as errors, the sheets a cascade
+        # gate flags) are padded to the next power of two, at most ``batch``: a few shapes at most,
+        # each compiled once, and a cascade's segmenter still runs on about the sheets flagged.
         self.pad_to = batch if compile else 0
         if precision == "auto":
             precision = "bf16-mixed" if self.device.type == "cuda" else "fp32"
@@ -418,8 +419,9 @@ class Scorer:
                 warnings.simplefilter("ignore", UserWarning)
                 images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         n = len(images)
-        if n < self.pad_to:
-            images = torch.cat([images, images.new_zeros((self.pad_to - n, *images.shape[1:]))])
+        padded = min(self.pad_to, 1 << (n - 1).bit_length()) if self.pad_to else n
+        if n < padded:
+            images = torch.cat([images, images.new_zeros((padded - n, *images.shape[1:]))])
         x = self.presets.normalize_batch(images.permute(0, 3, 1, 2), p)  # NCHW view with channels_last strides
         x = x.to(self.dtype)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):

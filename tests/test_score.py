@@ -411,9 +411,9 @@ def test_actor_decoding_through_the_pipeline(ray_local, tmp_path, sheets, ckpts)
 
 
 def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
-    """score.compile pads every forward pass to the batch size: the last, short batch and the rows
-    left after errors reuse the one compiled graph (a recompile costs 10-30 s on CPU), and the rows
-    match the eager model's."""
+    """score.compile pads short batches to the next power of two (at most the batch size): a batch
+    of 3 and the 3 rows left after an error reuse the graph compiled for 4 (a recompile costs
+    10-30 s on CPU), and the rows match the eager model's."""
     from torch._dynamo.utils import counters
 
     plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
