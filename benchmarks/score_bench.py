@@ -1,7 +1,7 @@
 """Scoring throughput and memory, side by side in one run on one machine.
 
     .ci/in-venv python benchmarks/score_bench.py [--n 600] [--rounds 1] [--model resnet18] [--size 128 800]
-                                                 [--compile off on] [--bare-n 480]
+                                                 [--compile off on] [--batch 16 8] [--bare-n 480]
                                                  [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
 
 1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--unique", type=int, default=200, help="distinct synthetic sheets generated")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--size", type=int, nargs=2, default=[128, 800], metavar=("H", "W"))
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="model batch sizes (each in every round)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, for every contender")
     ap.add_argument("--naive-n", type=int, default=100, help="sheets for the (slow) naive loop")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of bare / job / naive, side by side")
@@ -189,39 +189,39 @@ def main() -> None:
     uris = sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))
     print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
           f"{args.n} sheets, {args.rounds} round(s)")
-    ratios: dict[str, list[list[float]]] = {c: [] for c in args.compile}
+    settings = [(c, b) for c in args.compile for b in args.batch]  # each in every round
+    ratios: dict[tuple[str, int], list[list[float]]] = {k: [] for k in settings}
     bare_images = decoded[:args.bare_n or args.n]
     for r in range(args.rounds):
         print(f" round {r + 1}:")
         rates = {}
-        for c in args.compile:
+        for c, b in settings:
             on = c == "on"
-            bare_before = bare_forward(ckpt, bare_images, args.batch, args.threads, on)
-            summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), args.batch,
-                              args.threads, on)
+            bare_before = bare_forward(ckpt, bare_images, b, args.threads, on)
+            summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), b, args.threads, on)
             pipeline = summary.images_per_s
             steady = steady_rate(os.path.join(work, "out-eff"))
-            bare_after = bare_forward(ckpt, bare_images, args.batch, args.threads, on)
+            bare_after = bare_forward(ckpt, bare_images, b, args.threads, on)
             bare = (bare_before + bare_after) / 2
-            rates[c] = pipeline, steady
-            print(f"  compile {c}:")
+            rates[c, b] = pipeline, steady
+            print(f"  compile {c}, batch {b}:")
             print(f"   pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
             print(f"   pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}")
             print(f"   bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
                   f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}", flush=True)
-            ratios[c].append([pipeline / bare, steady / bare])
+            ratios[c, b].append([pipeline / bare, steady / bare])
         # last in the round: first, it would run while the fresh Ray session starts its processes
         naive = naive_loop(ckpt, uris[:args.naive_n], args.threads)
         print(f"  naive one-at-a-time loop (eager) {naive:8.1f} img/s  -> pipeline/naive "
-              + ", ".join(f"compile {c}: {p / naive:.2f} (steady {st / naive:.2f})" for c, (p, st) in rates.items()),
-              flush=True)
-        for c, (p, st) in rates.items():
-            ratios[c][-1] += [p / naive, st / naive]
-    for c, rs in ratios.items():
+              + ", ".join(f"compile {c} batch {b}: {p / naive:.2f} (steady {st / naive:.2f})"
+                          for (c, b), (p, st) in rates.items()), flush=True)
+        for k, (p, st) in rates.items():
+            ratios[k][-1] += [p / naive, st / naive]
+    for (c, b), rs in ratios.items():
         if len(rs) > 1:
             med = np.median(np.array(rs), axis=0)
-            print(f" compile {c}, median of {len(rs)} rounds: whole/bare {med[0]:.2f}, steady/bare {med[1]:.2f}, "
-                  f"whole/naive {med[2]:.2f}, steady/naive {med[3]:.2f}", flush=True)
+            print(f" compile {c}, batch {b}, median of {len(rs)} rounds: whole/bare {med[0]:.2f}, "
+                  f"steady/bare {med[1]:.2f}, whole/naive {med[2]:.2f}, steady/naive {med[3]:.2f}", flush=True)
 
     mckpt = make_checkpoint(os.path.join(work, "mckpt"), args.mem_model, tuple(args.mem_size))
     print(f"memory: {args.mem_model} {args.mem_size[0]}x{args.mem_size[1]}, batch 32, full 1600x256 sheets decoded")
