@@ -164,7 +164,7 @@ class ScoreConfig:
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model(s) in each actor: ~20 s
-                                   # at start, then 1.2-1.7x faster (GPU and CPU); auto: when each actor
+                                   # at start, then 1.1-1.7x faster (GPU and CPU); auto: when each actor
                                    # has enough images to win that back (score.COMPILE_FROM: 50,000 on
                                    # GPU, 2,000 on CPU). Where compiling fails, the actor warns, runs eager
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on
@@ -302,7 +302,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
+        if not any(type(c) is type(value) and c == value for c in choices):  # 1 is not True here
             raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: "
                               f"{', '.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)}")
         return value
