@@ -1,7 +1,8 @@
 """Scoring throughput and memory, side by side in one run on one machine.
 
     .ci/in-venv python benchmarks/score_bench.py [--n 600] [--rounds 1] [--model resnet18] [--size 128 800]
-                                                 [--compile off on] [--batch 16 8] [--bare-n 480]
+                                                 [--compile off on] [--batch 16 8] [--actor-calls 1 2]
+                                                 [--bare-n 480]
                                                  [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
 
 1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
@@ -130,11 +131,13 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int, compile: bool = False) -> score.Summary:
+def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int, compile: bool = False,
+            calls: int | None = None) -> score.Summary:
     shutil.rmtree(output, ignore_errors=True)
     job = config.load(None, [f"score.input={inputs}", f"score.checkpoint={ckpt}", f"score.output={output}",
                              f"score.batch_size={batch}", f"score.actor_threads={threads}", "score.actor_cpus=1",
-                             "score.decode_batch=32", f"score.compile={str(compile).lower()}"], config.ScoreJob)
+                             "score.decode_batch=32", f"score.compile={str(compile).lower()}"]
+                      + ([f"score.actor_calls={calls}"] if calls else []), config.ScoreJob)
     return score.run(job)
 
 
@@ -162,6 +165,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="rounds of bare / job / naive, side by side")
     ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
                     help="score.compile for the job (and torch.compile for the bare model); several: each in every round")
+    ap.add_argument("--actor-calls", type=int, nargs="+", default=[0],
+                    help="score.actor_calls for the job (0: its default); several: each in every round")
     ap.add_argument("--bare-n", type=int, default=0, help="pre-decoded sheets for the bare model (0: --n)")
     ap.add_argument("--mem-model", default="mobilenetv3_small_050")
     ap.add_argument("--mem-size", type=int, nargs=2, default=[64, 400], metavar=("H", "W"))
@@ -189,38 +194,38 @@ def main() -> None:
     uris = sorted(os.path.join(work, "eff", f) for f in os.listdir(os.path.join(work, "eff")))
     print(f"efficiency: {args.model} {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.threads} torch threads, "
           f"{args.n} sheets, {args.rounds} round(s)")
-    settings = [(c, b) for c in args.compile for b in args.batch]  # each in every round
-    ratios: dict[tuple[str, int], list[list[float]]] = {k: [] for k in settings}
+    settings = [(c, b, k) for c in args.compile for b in args.batch for k in args.actor_calls]  # each in every round
+    ratios: dict[tuple[str, int, int], list[list[float]]] = {s: [] for s in settings}
     bare_images = decoded[:args.bare_n or args.n]
     for r in range(args.rounds):
         print(f" round {r + 1}:")
         rates = {}
-        for c, b in settings:
+        for c, b, k in settings:
             on = c == "on"
             bare_before = bare_forward(ckpt, bare_images, b, args.threads, on)
-            summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), b, args.threads, on)
+            summary = run_job(os.path.join(work, "eff"), ckpt, os.path.join(work, "out-eff"), b, args.threads, on, k)
             pipeline = summary.images_per_s
             steady = steady_rate(os.path.join(work, "out-eff"))
             bare_after = bare_forward(ckpt, bare_images, b, args.threads, on)
             bare = (bare_before + bare_after) / 2
-            rates[c, b] = pipeline, steady
-            print(f"  compile {c}, batch {b}:")
+            rates[c, b, k] = pipeline, steady
+            print(f"  compile {c}, batch {b}, actor_calls {k or 'default'}:")
             print(f"   pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
             print(f"   pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}")
             print(f"   bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
                   f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}", flush=True)
-            ratios[c, b].append([pipeline / bare, steady / bare])
+            ratios[c, b, k].append([pipeline / bare, steady / bare])
         # last in the round: first, it would run while the fresh Ray session starts its processes
         naive = naive_loop(ckpt, uris[:args.naive_n], args.threads)
         print(f"  naive one-at-a-time loop (eager) {naive:8.1f} img/s  -> pipeline/naive "
-              + ", ".join(f"compile {c} batch {b}: {p / naive:.2f} (steady {st / naive:.2f})"
-                          for (c, b), (p, st) in rates.items()), flush=True)
+              + ", ".join(f"compile {c} batch {b} calls {k or 'default'}: {p / naive:.2f} (steady {st / naive:.2f})"
+                          for (c, b, k), (p, st) in rates.items()), flush=True)
         for k, (p, st) in rates.items():
             ratios[k][-1] += [p / naive, st / naive]
-    for (c, b), rs in ratios.items():
+    for (c, b, k), rs in ratios.items():
         if len(rs) > 1:
             med = np.median(np.array(rs), axis=0)
-            print(f" compile {c}, batch {b}, median of {len(rs)} rounds: whole/bare {med[0]:.2f}, "
+            print(f" compile {c}, batch {b}, actor_calls {k or 'default'}, median of {len(rs)} rounds: whole/bare {med[0]:.2f}, "
                   f"steady/bare {med[1]:.2f}, whole/naive {med[2]:.2f}, steady/naive {med[3]:.2f}", flush=True)
 
     mckpt = make_checkpoint(os.path.join(work, "mckpt"), args.mem_model, tuple(args.mem_size))

@@ -766,7 +766,11 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
                                "compile": compiled, "precision": sc.precision, "decode": in_actor,
                                "batch": model_batch(sc, device)},
-        compute=ActorPoolStrategy(size=actors), num_cpus=sc.actor_cpus,
+        # score.actor_calls > 1: the actor takes the next batch (fetches its blocks, copies them into
+        # one array) while the model runs on this one; the model itself is never called concurrently.
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=sc.actor_calls,
+                                  enable_true_multi_threading=False),
+        num_cpus=sc.actor_cpus,
         num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
 
