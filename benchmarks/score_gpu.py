@@ -2,6 +2,7 @@
 
     python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--precision bf16-mixed bf16]
                                    [--pipeline] [--actor-gpus 1 0.5] [--decode tasks actor]
+                                   [--actor-calls 1 2]
 
 Measured with the scoring job's own pieces, side by side in one run:
 - decode: ``score.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
@@ -14,8 +15,9 @@ Measured with the scoring job's own pieces, side by side in one run:
   call when it decodes itself (``score.decode=actor``: JPEG bytes -> rows);
 - ``--naive N``: the notebook way on the GPU, one sheet read, decoded and predicted at a time;
 - ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed), for each
-  precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU) and each
-  ``--decode`` (CPU decode tasks, or nvJPEG in the actor).
+  precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU), each
+  ``--decode`` (CPU decode tasks, or nvJPEG in the actor) and each ``--actor-calls``
+  (``score.actor_calls``: batches an actor holds at once, so the next is fetched during the model call).
 
 Sheets are synthetic Severstal 1600x256 JPEGs (``--unique`` distinct, repeated up to ``--n``).
 """
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--actor-gpus", type=float, nargs="*", default=[1.0], help="GPU share per model actor")
     ap.add_argument("--decode", nargs="*", default=["actor"], choices=["tasks", "actor"],
                     help="score.decode: CPU decode tasks, or nvJPEG in the model actor")
+    ap.add_argument("--actor-calls", type=int, nargs="*", default=[2], help="score.actor_calls")
+    ap.add_argument("--decode-batch", type=int, default=64, help="score.decode_batch in the pipeline runs")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
     ap.add_argument("--compile-modes", nargs="*", default=["default", "freezing"],
                     choices=["default", "freezing", "max-autotune"],
@@ -234,9 +238,10 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
 
     ray.init(include_dashboard=False)
     counts = args.pipeline_n or [args.n]
-    for compile_, precision, share, batch, decode in itertools.product(
-            [c == "on" for c in args.pipeline_compile or (["off", "on"] if args.compile else ["off"])], args.precision, args.actor_gpus, args.batch, args.decode):
-        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share} decode {decode}"
+    for compile_, precision, share, batch, decode, calls in itertools.product(
+            [c == "on" for c in args.pipeline_compile or (["off", "on"] if args.compile else ["off"])], args.precision,
+            args.actor_gpus, args.batch, args.decode, args.actor_calls):
+        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share} decode {decode} actor_calls {calls}"
         timed = []
         for k, n in enumerate(counts):
             folder = os.path.join(args.work, f"p-{n}")
@@ -244,9 +249,10 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
                 os.makedirs(folder)
                 for i in range(n):
                     os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
-            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}-{decode}")
+            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}-{decode}-{calls}")
             job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
-                                     f"score.batch_size={batch}", "score.actor_cpus=1", "score.decode_batch=64",
+                                     f"score.batch_size={batch}", "score.actor_cpus=1",
+                                     f"score.decode_batch={args.decode_batch}", f"score.actor_calls={calls}",
                                      f"score.compile={str(compile_).lower()}", f"score.precision={precision}",
                                      f"score.actor_gpus={share}", f"score.decode={decode}"], config.ScoreJob)
             s = score.run(job)

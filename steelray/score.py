@@ -724,6 +724,15 @@ def model_batch(sc: ScoreConfig, device: str) -> int:
     return sc.batch_size or (64 if device == "cuda" else 16)
 
 
+def actor_calls(sc: ScoreConfig, device: str) -> int:
+    """Batches a model actor takes at once: ``score.actor_calls``, else 2 on GPU, 1 on CPU. With 2,
+    the actor fetches and stitches its next batch while the model runs on the current one: a model
+    that waits on a GPU then no longer idles between batches (feed efficiency 0.66-0.84 -> 0.94-1.0,
+    benchmarks/actor_feed.py). On CPU the model and that work share the same cores: no gain
+    measured (docs/benchmarks.md), so one at a time."""
+    return sc.actor_calls or (2 if device == "cuda" else 1)
+
+
 # Images per model actor above which ``score.compile=auto`` compiles: where the compile (~20 s per
 # actor, 10-35 s on 2 CPU cores) is paid back by the faster model (docs/benchmarks.md: resnet50 on an
 # H100 ~1,450 -> ~2,000 img/s for the job, break-even ~50,000 images per actor; resnet18 on 2 CPU
@@ -746,9 +755,9 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
 
     device, actors = placement(sc, ray.cluster_resources().get("GPU", 0))
     threads = sc.actor_threads or max(1, int(sc.actor_cpus))
-    compiled = use_compile(sc, device, len(todo), actors)
-    log.info("scoring %d images on %d %s actor(s), batch %d, %s", len(todo), actors, device,
-             model_batch(sc, device), "compiled" if compiled else "not compiled")
+    compiled, calls = use_compile(sc, device, len(todo), actors), actor_calls(sc, device)
+    log.info("scoring %d images on %d %s actor(s), batch %d, %d batch(es) per actor at once, %s", len(todo),
+             actors, device, model_batch(sc, device), calls, "compiled" if compiled else "not compiled")
     blocks = max(1, math.ceil(len(todo) / sc.decode_batch))
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo], override_num_blocks=blocks)
     s3_inputs = any(u.startswith("s3://") for _, u in todo)
@@ -766,10 +775,9 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
                                "compile": compiled, "precision": sc.precision, "decode": in_actor,
                                "batch": model_batch(sc, device)},
-        # score.actor_calls > 1: the actor takes the next batch (fetches its blocks, copies them into
-        # one array) while the model runs on this one; the model itself is never called concurrently.
-        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=sc.actor_calls,
-                                  enable_true_multi_threading=False),
+        # calls > 1: the actor takes the next batch (fetches its blocks, copies them into one array)
+        # while the model runs on this one; the model itself is never called concurrently.
+        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=False),
         num_cpus=sc.actor_cpus,
         num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(ParquetSink(partition, s3, sc.rows_per_file, sc.retries))

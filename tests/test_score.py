@@ -96,8 +96,9 @@ def read(output: str) -> pd.DataFrame:
 def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_local, bucket, sheets, ckpts):
     files = put_inputs(sheets, f"{bucket}/incoming")
     out = f"{bucket}/predictions"
+    # actor_calls=2, the GPU default: the actor takes a batch while the model runs on another
     summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
-                            f"score.output={out}"))
+                            f"score.output={out}", "score.actor_calls=2"))
     assert (summary.inputs, summary.scored, summary.errored, summary.skipped) == (9, 5, 4, 0)
     df = read(out)
     assert sorted(df.image_id) == sorted(files) and df.source_uri.is_unique
@@ -279,7 +280,7 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
     address = ray_local.get_runtime_context().gcs_address
     args = [sys.executable, "jobs/score.py", "--input", str(tmp_path / "in"), "--checkpoint", ckpt,
             "--output", str(out), f"score.address={address}", "score.run_date=2026-11-22",
-            "score.rows_per_file=2", "score.batch_size=2", "score.decode_batch=2"]
+            "score.rows_per_file=2", "score.batch_size=2", "score.decode_batch=2", "score.actor_calls=2"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     part = out / "run_date=2026-11-22"
@@ -468,6 +469,12 @@ def test_model_batch_defaults_to_64_on_gpu_and_16_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
     assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (64, 16)
     assert score.model_batch(job().score, "cuda") == 4  # set: taken as it is
+
+
+def test_actor_calls_default_to_2_on_gpu_and_1_on_cpu():
+    default = config.load(None, [], config.ScoreJob).score
+    assert (score.actor_calls(default, "cuda"), score.actor_calls(default, "cpu")) == (2, 1)
+    assert score.actor_calls(job("score.actor_calls=3").score, "cpu") == 3
 
 
 @pytest.mark.gpu
