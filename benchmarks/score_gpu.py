@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--actor-gpus", type=float, nargs="*", default=[1.0], help="GPU share per model actor")
     ap.add_argument("--decode", nargs="*", default=["actor"], choices=["tasks", "actor"],
                     help="score.decode: CPU decode tasks, or nvJPEG in the model actor")
-    ap.add_argument("--actor-calls", type=int, nargs="*", default=[2], help="score.actor_calls")
+    ap.add_argument("--actor-calls", type=int, nargs="*", default=[4], help="score.actor_calls")
     ap.add_argument("--decode-batch", type=int, default=64, help="score.decode_batch in the pipeline runs")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
     ap.add_argument("--compile-modes", nargs="*", default=["default", "freezing"],

@@ -162,9 +162,9 @@ class ScoreConfig:
     actor_gpus: float = _f(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
     actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
-    actor_calls: int = _f(0, min=0)      # batches an actor takes at once: with 2, Ray Data fetches and
-                                   # stitches the next batch while the model runs (the model still runs
-                                   # one batch at a time); 0: 2 on GPU, 1 on CPU (benchmarks/actor_feed.py)
+    actor_calls: int = _f(0, min=0)      # batches an actor takes at once: above 1, Ray Data fetches and
+                                   # stitches the next batches while the model runs (the model still runs
+                                   # one batch at a time); 0: 4 on GPU, 1 on CPU (benchmarks/actor_feed.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model(s) in each actor: ~20 s
                                    # at start, then 1.1-1.7x faster (GPU and CPU); auto: when each actor

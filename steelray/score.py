@@ -725,12 +725,13 @@ def model_batch(sc: ScoreConfig, device: str) -> int:
 
 
 def actor_calls(sc: ScoreConfig, device: str) -> int:
-    """Batches a model actor takes at once: ``score.actor_calls``, else 2 on GPU, 1 on CPU. With 2,
-    the actor fetches and stitches its next batch while the model runs on the current one: a model
-    that waits on a GPU then no longer idles between batches (feed efficiency 0.66-0.84 -> 0.94-1.0,
-    benchmarks/actor_feed.py). On CPU the model and that work share the same cores: no gain
+    """Batches a model actor takes at once: ``score.actor_calls``, else 4 on GPU, 1 on CPU. Above 1,
+    the actor fetches and stitches its next batches while the model runs on the current one, so a
+    model that waits on a GPU idles less between batches (benchmarks/actor_feed.py, which simulates
+    that wait: at batch 256, 1 call 0.71-0.84 of the time busy, 2 calls 0.96-1.0, 4 calls 0.99; at
+    batch 64 and 128 4 was best too). On CPU the model and that work share the same cores: no gain
     measured (docs/benchmarks.md), so one at a time."""
-    return sc.actor_calls or (2 if device == "cuda" else 1)
+    return sc.actor_calls or (4 if device == "cuda" else 1)
 
 
 # Images per model actor above which ``score.compile=auto`` compiles: where the compile (~20 s per

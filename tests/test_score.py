@@ -96,9 +96,9 @@ def read(output: str) -> pd.DataFrame:
 def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_local, bucket, sheets, ckpts):
     files = put_inputs(sheets, f"{bucket}/incoming")
     out = f"{bucket}/predictions"
-    # actor_calls=2, the GPU default: the actor takes a batch while the model runs on another
+    # actor_calls=4, the GPU default: the actor takes batches while the model runs on another
     summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
-                            f"score.output={out}", "score.actor_calls=2"))
+                            f"score.output={out}", "score.actor_calls=4"))
     assert (summary.inputs, summary.scored, summary.errored, summary.skipped) == (9, 5, 4, 0)
     df = read(out)
     assert sorted(df.image_id) == sorted(files) and df.source_uri.is_unique
@@ -471,9 +471,9 @@ def test_model_batch_defaults_to_64_on_gpu_and_16_on_cpu():
     assert score.model_batch(job().score, "cuda") == 4  # set: taken as it is
 
 
-def test_actor_calls_default_to_2_on_gpu_and_1_on_cpu():
+def test_actor_calls_default_to_4_on_gpu_and_1_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
-    assert (score.actor_calls(default, "cuda"), score.actor_calls(default, "cpu")) == (2, 1)
+    assert (score.actor_calls(default, "cuda"), score.actor_calls(default, "cpu")) == (4, 1)
     assert score.actor_calls(job("score.actor_calls=3").score, "cpu") == 3
 
 
