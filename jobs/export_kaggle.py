@@ -24,12 +24,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="the scoring job's output root (local or s3://)")
     p.add_argument("--run-date", default="", help="only this run_date partition (default: all)")
+    p.add_argument("--checkpoint", default="", help="only this model version (the checkpoint column), where the "
+                                                  "output holds several")
     p.add_argument("--to", required=True, help="CSV to write (local or s3://)")
     p.add_argument("overrides", nargs="*", help="s3.* settings as key=value")
     args = p.parse_args(argv)
     try:
         s3 = config.load(None, args.overrides, config.ScoreJob).s3
-        rows, left_out = score.kaggle_rows(score.read_output(args.output, s3, args.run_date))
+        rows, left_out = score.kaggle_rows(score.read_output(args.output, s3, args.run_date, args.checkpoint))
     except (config.ConfigError, score.ScoreError) as e:
         print(f"export_kaggle: {e}", file=sys.stderr)
         return 2

@@ -87,7 +87,9 @@ class ModelInfo:
         return self.task == "segmentation"
 
 
-def describe(uri: str, s3: S3Config | None = None) -> ModelInfo:
+def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] | None = None) -> ModelInfo:
+    """The checkpoint at ``uri``; ``min_area`` (segmenters) replaces the checkpoint's own minimum
+    mask areas, and so makes another model version (digest) when it differs."""
     from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
 
     try:
@@ -99,9 +101,11 @@ def describe(uri: str, s3: S3Config | None = None) -> ModelInfo:
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
-    thresholds, min_area = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
-    # The digest names the model version in the output: recalibrated thresholds make a new version,
-    # so a rerun after calibration scores again instead of skipping what the old thresholds labelled.
+    thresholds = tuple(meta["thresholds"])
+    min_area = tuple(meta.get("min_area") or ()) if min_area is None else tuple(min_area)
+    # The digest names the model version in the output: recalibrated thresholds (or other minimum
+    # areas) make a new version, so a rerun scores again instead of skipping what the old settings
+    # decided. With the checkpoint's own settings it is what it always was.
     decision = json.dumps({"thresholds": thresholds, "min_area": min_area}).encode()
     return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
                      preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
@@ -185,6 +189,9 @@ def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
     if sc.min_area and len(sc.min_area) != len(final.classes):
         raise ScoreError(f"score.min_area: one value per class ({', '.join(final.classes)}), "
                          f"got {sc.min_area}")
+    if final.segmenter and sc.min_area and tuple(sc.min_area) != (final.min_area or (0,) * len(final.classes)):
+        final = describe(final.uri, s3, min_area=tuple(sc.min_area))   # another version: its own digest
+        primary, segmenter = (primary, final) if segmenter is not None else (final, None)
     if sc.expect_size:
         expect = tuple(sc.expect_size)
     elif "severstal" in (primary.data_format, final.data_format):
@@ -616,8 +623,10 @@ class ParquetSink(_Datasink):
         if not tables:
             return {"rows": 0, "files": []}
         table = pa.concat_tables(tables)
-        digest = hashlib.sha1("\n".join(table.column("source_uri").to_pylist()).encode()).hexdigest()[:20]
-        name = f"part-{digest}.parquet"
+        # Named by the model version and the rows' images: a retried write replaces its own file,
+        # and another model scoring the same images into the same output never replaces this one.
+        key = pc.unique(table.column("checkpoint")).to_pylist() + table.column("source_uri").to_pylist()
+        name = f"part-{hashlib.sha1(chr(10).join(key).encode()).hexdigest()[:20]}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         write_atomic(storage.join(self.folder, name), buf.getvalue(), self.s3, self.retries)
@@ -825,12 +834,18 @@ def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skip
 
 # --- export --------------------------------------------------------------------------------------
 
-def read_output(output: str, s3: S3Config | None = None, run_date: str = "") -> pa.Table:
-    """The scoring output (one run date, or all) as one table, with ``run_date`` as a column."""
+def read_output(output: str, s3: S3Config | None = None, run_date: str = "", checkpoint: str = "") -> pa.Table:
+    """The scoring output (one run date, or all; one model version, or all) as one table, with
+    ``run_date`` as a column."""
     dataset = _open_dataset(output, s3)
     if dataset is None:
         raise ScoreError(f"{output}: no scoring output there")
-    filt = pc.field("run_date") == run_date if run_date else None
+    filt = None
+    if run_date:
+        filt = pc.field("run_date") == run_date
+    if checkpoint:
+        by_version = pc.field("checkpoint") == checkpoint
+        filt = by_version if filt is None else filt & by_version
     return dataset.to_table(filter=filt)
 
 
@@ -841,6 +856,10 @@ def kaggle_rows(table: pa.Table) -> tuple[list[tuple[str, str, str]], int]:
     rle_cols = [c for c in table.column_names if c.startswith("rle_")]
     if not rle_cols:
         raise ScoreError("the output has no rle_* columns: Kaggle's format needs a segmenter's masks")
+    versions = sorted(pc.unique(table.column("checkpoint")).to_pylist()) if table.num_rows else []
+    if len(versions) > 1:   # each image would appear once per model version
+        raise ScoreError(f"the output holds {len(versions)} model versions ({', '.join(versions)}): "
+                         "pick one (export_kaggle.py --checkpoint DIGEST)")
     classes = json.loads(raw) if raw else [c[len("rle_"):] for c in rle_cols]
     data = table.select(["image_id", "error"] + [f"rle_{column_name(c)}" for c in classes]).to_pylist()
     rows, skipped = [], 0

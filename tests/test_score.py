@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -188,15 +190,6 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
         assert list(row.labels) == [c for c in CLASSES if getattr(row, f"area_{c}") > 0]
     assert 0 < min(a for a in areas if a) < max(areas), "the test needs masks of several sizes"
 
-    cut = sorted(a for a in areas if a)[len([a for a in areas if a]) // 2]
-    score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}", f"score.output={tmp_path / 'out2'}",
-                  f"score.min_area=[{cut},{cut},{cut},{cut}]"))
-    df2 = read(str(tmp_path / "out2")).set_index("image_id")
-    for row in df[df.error.isna()].itertuples():
-        for cls in CLASSES:
-            before = getattr(row, f"area_{cls}")
-            assert df2.loc[row.image_id, f"area_{cls}"] == (before if before >= cut else 0)
-
     rows, left_out = score.kaggle_rows(score.read_output(str(tmp_path / "out")))
     assert left_out == 4 and len(rows) == 3 * 4
 
@@ -211,6 +204,49 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
     for col in ["image_id", "error", "labels"] + [f"rle_{c}" for c in CLASSES] + [f"area_{c}" for c in CLASSES]:
         assert plain(got[col]) == plain(want[col]), col
     assert {(r[0], r[1]) for r in rows} == {(i, c) for i in df[df.error.isna()].image_id for c in CLASSES}
+
+    # Other minimum areas make another model version, scored into the same output beside the first
+    # (same images, same file grouping: its files must not replace the first version's).
+    cut = sorted(a for a in areas if a)[len([a for a in areas if a]) // 2]
+    other = job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}", f"score.output={tmp_path / 'out'}",
+                f"score.min_area=[{cut},{cut},{cut},{cut}]")
+    summary2 = score.run(other)
+    assert (summary2.scored, summary2.errored, summary2.skipped) == (3, 4, 0)
+    assert summary2.checkpoint != summary.checkpoint
+    both = read(str(tmp_path / "out"))
+    assert len(both) == 14 and set(both.checkpoint) == {summary.checkpoint, summary2.checkpoint}
+    df2 = both[both.checkpoint == summary2.checkpoint].set_index("image_id")
+    for row in df[df.error.isna()].itertuples():
+        for cls in CLASSES:
+            before = getattr(row, f"area_{cls}")
+            assert df2.loc[row.image_id, f"area_{cls}"] == (before if before >= cut else 0)
+    assert score.run(other).skipped == 7   # and that version's rerun adds nothing
+
+    with pytest.raises(score.ScoreError, match="2 model versions"):
+        score.kaggle_rows(score.read_output(str(tmp_path / "out")))
+    csv_path = tmp_path / "submission.csv"
+    done = subprocess.run([sys.executable, "jobs/export_kaggle.py", "--output", str(tmp_path / "out"),
+                           "--checkpoint", summary2.checkpoint, "--to", str(csv_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    exported = pd.read_csv(csv_path, keep_default_na=False)
+    assert len(exported) == 3 * 4 and set(exported.ImageId) == set(df2[df2.error.isna()].index)
+    for r in exported.itertuples():
+        assert r.EncodedPixels == df2.loc[r.ImageId, f"rle_{r.ClassId}"]
+
+
+def test_output_files_are_named_by_model_version_and_images(tmp_path):
+    def table(version: str, prob: float):
+        return pa.table({"source_uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "checkpoint": [version] * 2,
+                         "prob_1": [prob, prob]})
+
+    sink = score.ParquetSink(str(tmp_path), None, rows_per_file=10, retries=0)
+    first = sink.write([table("v1", 0.1)], None)["files"]
+    assert sink.write([table("v1", 0.2)], None)["files"] == first           # a retried write replaces its file
+    assert sink.write([table("v2", 0.3)], None)["files"] != first           # another model's rows sit beside it
+    got = pq.read_table(tmp_path).to_pandas()
+    assert sorted(zip(got.checkpoint, got.prob_1)) == [("v1", 0.2), ("v1", 0.2), ("v2", 0.3), ("v2", 0.3)]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
 def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, ckpts):
