@@ -87,9 +87,10 @@ class ModelInfo:
         return self.task == "segmentation"
 
 
-def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] | None = None) -> ModelInfo:
-    """The checkpoint at ``uri``; ``min_area`` (segmenters) replaces the checkpoint's own minimum
-    mask areas, and so makes another model version (digest) when it differs."""
+def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = ()) -> ModelInfo:
+    """The checkpoint at ``uri``; for a segmenter, ``min_area`` (``score.min_area``) replaces the
+    checkpoint's own minimum mask areas, and so makes another model version (digest) where it
+    differs from them."""
     from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
 
     try:
@@ -101,8 +102,10 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] | N
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
-    thresholds = tuple(meta["thresholds"])
-    min_area = tuple(meta.get("min_area") or ()) if min_area is None else tuple(min_area)
+    thresholds, own = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
+    if task == "segmentation" and min_area and tuple(min_area) != (own or (0,) * len(classes)):
+        own = tuple(min_area)
+    min_area = own
     # The digest names the model version in the output: recalibrated thresholds (or other minimum
     # areas) make a new version, so a rerun scores again instead of skipping what the old settings
     # decided. With the checkpoint's own settings it is what it always was.
@@ -176,8 +179,9 @@ def _same_input(a: Preprocess, b: Preprocess) -> bool:
 def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
     if not sc.checkpoint:
         raise ScoreError("score.checkpoint: required (a checkpoint folder written by jobs/train.py)")
-    primary = describe(sc.checkpoint, s3)
-    segmenter = describe(sc.segmenter, s3) if sc.segmenter else None
+    min_area = tuple(sc.min_area)  # the final model's: the segmenter's in a cascade
+    primary = describe(sc.checkpoint, s3, () if sc.segmenter else min_area)
+    segmenter = describe(sc.segmenter, s3, min_area) if sc.segmenter else None
     if segmenter is not None:
         if primary.segmenter:
             raise ScoreError(f"score.checkpoint {sc.checkpoint}: a cascade gate must be a classifier, "
@@ -189,9 +193,6 @@ def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
     if sc.min_area and len(sc.min_area) != len(final.classes):
         raise ScoreError(f"score.min_area: one value per class ({', '.join(final.classes)}), "
                          f"got {sc.min_area}")
-    if final.segmenter and sc.min_area and tuple(sc.min_area) != (final.min_area or (0,) * len(final.classes)):
-        final = describe(final.uri, s3, min_area=tuple(sc.min_area))   # another version: its own digest
-        primary, segmenter = (primary, final) if segmenter is not None else (final, None)
     if sc.expect_size:
         expect = tuple(sc.expect_size)
     elif "severstal" in (primary.data_format, final.data_format):
