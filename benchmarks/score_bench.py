@@ -220,8 +220,8 @@ def main() -> None:
         print(f"  naive one-at-a-time loop (eager) {naive:8.1f} img/s  -> pipeline/naive "
               + ", ".join(f"compile {c} batch {b} calls {k or 'default'}: {p / naive:.2f} (steady {st / naive:.2f})"
                           for (c, b, k), (p, st) in rates.items()), flush=True)
-        for k, (p, st) in rates.items():
-            ratios[k][-1] += [p / naive, st / naive]
+        for setting, (p, st) in rates.items():
+            ratios[setting][-1] += [p / naive, st / naive]
     for (c, b, k), rs in ratios.items():
         if len(rs) > 1:
             med = np.median(np.array(rs), axis=0)

@@ -103,9 +103,8 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
     thresholds, own = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
-    if task == "segmentation" and min_area and tuple(min_area) != (own or (0,) * len(classes)):
-        own = tuple(min_area)
-    min_area = own
+    differs = task == "segmentation" and min_area and tuple(min_area) != (own or (0,) * len(classes))
+    min_area = tuple(min_area) if differs else own
     # The digest names the model version in the output: recalibrated thresholds (or other minimum
     # areas) make a new version, so a rerun scores again instead of skipping what the old settings
     # decided. With the checkpoint's own settings it is what it always was.

@@ -328,7 +328,6 @@ def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-
 def damaged(blob: bytes, rng: np.random.Generator, where: str = "anywhere") -> bytes:
     """``blob`` with one random injury: noise over, a cut of, or an insertion of random bytes.
     ``anywhere``: 1-2,000 bytes past the first eighth (mostly image data); ``header``: 1-3 bytes
@@ -347,6 +346,7 @@ def damaged(blob: bytes, rng: np.random.Generator, where: str = "anywhere") -> b
     else:
         b[at:at] = rng.bytes(n)
     return bytes(b)
+
 
 def _write_one(job) -> list[tuple]:
     kind, out, seed, index, params, s3, quality = job
