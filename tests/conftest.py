@@ -98,6 +98,21 @@ def sheets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def load_job():
+    """An entry script under jobs/ as a module, to call its ``main(argv)`` in the test's process (a
+    subprocess pays ~5 s of imports on this box)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray (2 CPUs) for the whole session, in its own temp dir so no stale cluster is joined."""
     import ray

@@ -216,16 +216,17 @@ def test_classifier_report_calibrates_writes_back_and_scoring_uses_it(neu_checkp
     assert info.thresholds == tuple(meta["thresholds"]) and info.digest != digest_before
 
 
-def test_bad_arguments_exit_2_and_say_what(neu_checkpoint, tmp_path):
+def test_bad_arguments_exit_2_and_say_what(neu_checkpoint, tmp_path, capsys, load_job):
+    main = load_job("evaluate").main  # in this process: each case as a subprocess cost ~5 s of imports
     for args, says in ((["--min-recall", "nope=0.9"], "min recall for nope: not a class"),
                        (["--min-recall", "crazing"], "expected CLASS=R"),
                        (["--split", "all", "data.format=severstal"], "train.csv"),
                        (["train.lr=1"], "only data.* settings")):
-        run = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(neu_checkpoint),
-                              "--out", str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=300)
-        assert run.returncode == 2 and says in run.stderr, (args, run.stderr[-2000:])
+        code = main(["--checkpoint", str(neu_checkpoint), "--out", str(tmp_path / "x"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (args, err[-2000:])
     run = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)  # and once as a user runs it
     assert run.returncode == 2 and "not a steelray checkpoint" in run.stderr
 
 

@@ -295,14 +295,14 @@ def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, t
     assert "missing.jpg" in missing and "not found" in missing
 
 
-def test_bad_arguments_exit_2_with_the_reason(tmp_path):
+def test_bad_arguments_exit_2_with_the_reason(tmp_path, capsys, load_job):
     run = subprocess.run([sys.executable, "jobs/score.py", "--input", str(tmp_path), "--checkpoint",
                           str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and "not a steelray checkpoint" in run.stderr, run.stderr
-    run = subprocess.run([sys.executable, "jobs/score.py", "score.decode_batch=0"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 2 and "score.decode_batch: must be >= 1" in run.stderr, run.stderr
+    code = load_job("score").main(["score.decode_batch=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "score.decode_batch: must be >= 1" in err, err
 
 
 def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_local, tmp_path, sheets):

@@ -29,22 +29,24 @@ def losses(result):
     return pd.read_csv(f"{result.run_uri}/metrics.csv")["train_loss"].tolist()
 
 
-@pytest.mark.parametrize("cfg_path, overrides", [
-    ("jobs/configs/neu.yaml", ["model.name=simple_cnn", "input.size=[64,64]", "input.augment=none"]),
-    ("jobs/configs/severstal_multilabel.yaml", ["model.name=mobilenetv3_small_050", "input.size=[64,400]",
-                                                "input.crop=[]", "input.augment=light"]),
-    ("jobs/configs/severstal_binary.yaml", ["model.name=simple_cnn", "input.size=[64,400]", "input.augment=none",
-                                            "train.batch_size=4", "train.lr=1e-3"]),
-])
-def test_classifier_tasks_train_and_loss_goes_down(ray_local, tmp_path, neu_small, sheets, cfg_path, overrides):
-    root = neu_small if "neu" in cfg_path else sheets.root
-    result = run(cfg_path, tmp_path, f"data.root={root}", "train.epochs=4", "train.batch_size=8", "train.lr=2e-3",
-                 "train.scheduler=none", *overrides)
+def assert_trained(result, tmp_path):
     history = losses(result)
     assert len(history) == 4 and result.epochs == 4
     assert np.mean(history[-2:]) < history[0], history
     assert result.best_checkpoint.startswith(str(tmp_path / "runs" / "t" / "epoch-"))
     assert {"macro_f1", "accuracy", "roc_auc", "val_loss"} <= set(result.best_metrics)
+
+
+@pytest.mark.parametrize("cfg_path, overrides", [
+    ("jobs/configs/severstal_multilabel.yaml", ["model.name=mobilenetv3_small_050", "input.size=[64,400]",
+                                                "input.crop=[]", "input.augment=light"]),
+    ("jobs/configs/severstal_binary.yaml", ["model.name=simple_cnn", "input.size=[64,400]", "input.augment=none",
+                                            "train.batch_size=4", "train.lr=1e-3"]),
+])
+def test_classifier_tasks_train_and_loss_goes_down(ray_local, tmp_path, sheets, cfg_path, overrides):
+    result = run(cfg_path, tmp_path, f"data.root={sheets.root}", "train.epochs=4", "train.batch_size=8",
+                 "train.lr=2e-3", "train.scheduler=none", *overrides)
+    assert_trained(result, tmp_path)
 
 
 def test_segmentation_trains_with_crops(ray_local, tmp_path, sheets):
@@ -56,9 +58,11 @@ def test_segmentation_trains_with_crops(ray_local, tmp_path, sheets):
     assert 0.0 <= result.best_metrics["dice"] <= 1.0
 
 
-def test_checkpoint_loads_into_a_plain_module_without_ray(ray_local, tmp_path, neu_small):
+def test_multiclass_trains_and_its_checkpoint_loads_into_a_plain_module_without_ray(ray_local, tmp_path, neu_small):
     result = run("jobs/configs/neu.yaml", tmp_path, f"data.root={neu_small}", "model.name=simple_cnn",
-                 "input.size=[48,48]", "train.epochs=1")
+                 "input.size=[48,48]", "input.augment=none", "train.epochs=4", "train.batch_size=8", "train.lr=2e-3",
+                 "train.scheduler=none")
+    assert_trained(result, tmp_path)
     code = (
         "import sys, torch; from steelray import checkpoint\n"
         f"model, meta = checkpoint.load_model({result.best_checkpoint!r})\n"
@@ -124,7 +128,7 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(ray_loc
 
 
 def test_rerunning_the_same_run_name_resumes(ray_local, tmp_path, neu_small):
-    common = [f"data.root={neu_small}", "model.name=simple_cnn", "input.size=[32,32]"]
+    common = [f"data.root={neu_small}", "model.name=simple_cnn", "input.size=[32,32]", "ray.num_workers=1"]
     run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=2")
     result = run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=4")
     rows = pd.read_csv(f"{result.run_uri}/metrics.csv")
