@@ -372,14 +372,15 @@ class Scorer:
     """A Ray Data actor: loads the checkpoint(s) once, then turns decoded batches into output rows."""
 
     def __init__(self, plan: Plan, s3: S3Config | None, device: str, threads: int, compile: bool = False,
-                 precision: str = "auto", decode: bool = False, batch: int = 0):
+                 precision: str = "auto", decode: bool = False, batch: int = 0, compile_mode: str = "default",
+                 compile_cache: str = ""):
         import torch
 
         from steelray import checkpoint, presets
 
         if threads:
             torch.set_num_threads(threads)
-        self.torch, self.presets = torch, presets
+        self.torch, self.presets, self.s3 = torch, presets, s3
         self.plan, self.device, self.decode = plan, torch.device(device), decode
         # A compiled model is specialised to one batch shape, and every new shape compiles again
         # (10-30 s on CPU). Short batches (the last one, rows dropped as errors, the sheets a cascade
@@ -393,27 +394,75 @@ class Scorer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         self.schema = plan.schema()
+        self.cache = compile_cache_uri(compile_cache, plan, self.device, precision, compile_mode) if compile else ""
+        if self.cache:
+            self._load_compile_cache()
         self.models, self.eager, self.proven = {}, {}, set()
         for info in plan.models:
             module, _ = checkpoint.load_model(info.uri, s3, device)
             module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
             self.eager[info.uri] = module
-            self.models[info.uri] = torch.compile(module, dynamic=False) if compile else module
+            self.models[info.uri] = torch.compile(module, dynamic=False, mode=compile_mode) if compile else module
+
+    def _compiles(self) -> int:
+        """Graphs compiled so far in this process, from scratch or from torch's caches."""
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+
+    def _load_compile_cache(self) -> None:
+        """Load torch's portable compile cache (``score.compile_cache``), so that compiling here
+        reuses what an earlier actor compiled for the same models, kind of device and torch. Never
+        fails the job: without the file, the actor compiles as it would have."""
+        self.cached: set[str] = set()  # graphs the cache file holds
+        self.compiled = self._compiles()
+        try:
+            info = self.torch.compiler.load_cache_artifacts(storage.read_bytes(self.cache, self.s3))
+            if info is None:  # torch logs what it could not read, and goes on
+                raise ValueError("torch read no compiled graph from it")
+            self.cached = set(info.artifacts.get("inductor", []))
+            log.info("score.compile_cache: loaded %d compiled graph(s) from %s", len(self.cached), self.cache)
+        except FileNotFoundError:
+            log.info("score.compile_cache: nothing at %s yet; this actor compiles and writes it there", self.cache)
+        except Exception as e:  # noqa: BLE001 - a cache it cannot read only costs the compile
+            log.warning("score.compile_cache: could not load %s, compiling without it: %s: %s", self.cache,
+                        type(e).__name__, e)
+
+    def _save_compile_cache(self) -> None:
+        """After a compile: if it made a graph the cache file lacks, write everything compiled or
+        loaded in this process (so one file holds every batch shape) over that file, atomically."""
+        self.compiled = self._compiles()
+        try:
+            saved = self.torch.compiler.save_cache_artifacts()
+            graphs = set(saved[1].artifacts.get("inductor", [])) if saved else set()
+            if graphs - self.cached:
+                write_atomic(self.cache, saved[0], self.s3)
+                self.cached |= graphs
+                log.info("score.compile_cache: wrote %d compiled graph(s) to %s", len(graphs), self.cache)
+        except Exception as e:  # noqa: BLE001 - the next run compiles again, nothing else is lost
+            log.warning("score.compile_cache: could not write %s: %s: %s", self.cache, type(e).__name__, e)
 
     def _run(self, uri: str, x):
         """The model on ``x``. A compiled model compiles on its first call; if that fails (no C++
         compiler for the CPU backend, no Triton on the GPU node, an operator the compiler cannot
-        take), a warning, and the job goes on with the eager model."""
-        if uri in self.proven or self.models[uri] is self.eager[uri]:
-            return self.models[uri](x)
-        try:
-            out = self.models[uri](x)
-        except Exception as e:  # noqa: BLE001 - whatever broke the compile, eager is the way on
-            log.warning("score.compile: compiling %s failed on this node, scoring without it: %s: %s",
-                        uri, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
-            self.models[uri] = self.eager[uri]
-            return self.eager[uri](x)
-        self.proven.add(uri)
+        take), a warning, and the job goes on with the eager model. A graph compiled here (first
+        call, or a new batch shape) goes to ``score.compile_cache``."""
+        model = self.models[uri]
+        if model is self.eager[uri]:
+            return model(x)
+        if uri in self.proven:
+            out = model(x)
+        else:
+            try:
+                out = model(x)
+            except Exception as e:  # noqa: BLE001 - whatever broke the compile, eager is the way on
+                log.warning("score.compile: compiling %s failed on this node, scoring without it: %s: %s",
+                            uri, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+                self.models[uri] = self.eager[uri]
+                return self.eager[uri](x)
+            self.proven.add(uri)
+        if self.cache and self._compiles() != self.compiled:
+            self._save_compile_cache()
         return out
 
     def _forward(self, info: ModelInfo, images):
@@ -750,6 +799,21 @@ def actor_calls(sc: ScoreConfig, device: str) -> int:
 COMPILE_FROM = {"cuda": 50_000, "cpu": 2_000}
 
 
+def compile_cache_uri(folder: str, plan: Plan, device, precision: str, mode: str) -> str:
+    """The ``score.compile_cache`` file for these models compiled in this mode and precision, on this
+    kind of GPU (or CPU instruction set) with this torch: what is compiled for one does not serve
+    another. Empty when no folder is set."""
+    import torch
+
+    if not folder:
+        return ""
+    kind = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu-{torch.backends.cpu.get_cpu_capability()}")
+    key = "\n".join([*(m.digest for m in plan.models), kind, torch.__version__, precision, mode])
+    name = "+".join(m.name for m in plan.models)
+    return storage.join(folder, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.torchcache")
+
+
 def use_compile(sc: ScoreConfig, device: str, images: int, actors: int) -> bool:
     """``score.compile``: as set, or for ``auto`` whether each actor has enough images to win back
     the compile."""
@@ -766,8 +830,11 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     device, actors = placement(sc, ray.cluster_resources().get("GPU", 0))
     threads = sc.actor_threads or max(1, int(sc.actor_cpus))
     compiled, calls = use_compile(sc, device, len(todo), actors), actor_calls(sc, device)
+    how = "not compiled"
+    if compiled:
+        how = f"compiled ({sc.compile_mode}" + (f", cache in {sc.compile_cache})" if sc.compile_cache else ")")
     log.info("scoring %d images on %d %s actor(s), batch %d, %d batch(es) per actor at once, %s", len(todo),
-             actors, device, model_batch(sc, device), calls, "compiled" if compiled else "not compiled")
+             actors, device, model_batch(sc, device), calls, how)
     blocks = max(1, math.ceil(len(todo) / sc.decode_batch))
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo], override_num_blocks=blocks)
     s3_inputs = any(u.startswith("s3://") for _, u in todo)
@@ -784,7 +851,8 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
         Scorer, batch_size=model_batch(sc, device), batch_format="numpy",
         fn_constructor_kwargs={"plan": plan, "s3": s3, "device": device, "threads": threads,
                                "compile": compiled, "precision": sc.precision, "decode": in_actor,
-                               "batch": model_batch(sc, device)},
+                               "batch": model_batch(sc, device), "compile_mode": sc.compile_mode,
+                               "compile_cache": sc.compile_cache},
         # calls > 1: the actor takes the next batch (fetches its blocks, copies them into one array)
         # while the model runs on this one; the model itself is never called concurrently.
         compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=False),

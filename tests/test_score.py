@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -466,6 +467,58 @@ def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
         np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-4, equal_nan=True)
         assert list(got.error.fillna("")) == list(want.error.fillna(""))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+COMPILE_CACHE_READER = """
+import json, logging, sys
+import numpy as np
+import torch
+from torch._dynamo.utils import counters
+from steelray import config, score
+logging.basicConfig(level=logging.INFO)
+ckpt, folder, *uris = sys.argv[1:]
+plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
+uris = np.array(uris, dtype=object)
+batch = score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+                              expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+rows = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=folder)(batch).to_pandas()
+print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "probs": rows[[c for c in rows.columns if c.startswith("prob_")]].to_numpy(float).tolist()}))
+"""
+
+
+def test_compile_cache_is_written_once_and_a_fresh_process_compiles_from_it(sheets, ckpts, tmp_path, caplog):
+    """score.compile_cache: the first actor writes what it compiled; an actor on a fresh node (here: a
+    process with an empty inductor cache) loads it and compiles nothing from scratch; a cache file it
+    cannot read is a warning, and the actor compiles as it would have."""
+    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    batch = decoded_batch(sheets, plan, 4)
+    folder = tmp_path / "cache"
+    torch._dynamo.reset()
+    scorer = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=str(folder))
+    with caplog.at_level(logging.INFO, logger="steelray.score"):
+        want = scorer(batch).to_pandas()
+        written = os.listdir(folder)
+        assert written == [os.path.basename(scorer.cache)] and written[0].startswith("resnet10t-")
+        before = (folder / written[0]).stat().st_mtime_ns
+        scorer(batch)  # nothing new compiled: the file is left alone
+    assert (folder / written[0]).stat().st_mtime_ns == before
+    assert caplog.text.count("score.compile_cache: wrote 1 compiled graph(s)") == 1
+    probs = want[[c for c in want.columns if c.startswith("prob_")]].to_numpy(float)
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-node")}
+    args = [sys.executable, "-c", COMPILE_CACHE_READER, ckpts["multilabel"], str(folder), *batch["source_uri"]]
+    fresh = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    got = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert (got["hit"], got["miss"]) == (1, 0) and "loaded 1 compiled graph(s)" in fresh.stderr
+    np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / written[0]).write_bytes(b"not a torch cache")
+    with caplog.at_level(logging.INFO, logger="steelray.score"):
+        score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=str(tmp_path / "broken"))
+    assert f"could not load {tmp_path / 'broken' / written[0]}, compiling without it" in caplog.text
 
 
 def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkeypatch, caplog):
