@@ -171,8 +171,9 @@ class ScoreConfig:
                                    # has enough images to win that back (score.COMPILE_FROM: 50,000 on
                                    # GPU, 2,000 on CPU). Where compiling fails, the actor warns, runs eager
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # max-autotune times
-                                   # kernel choices for every convolution: resnet50 on an H100 3,124 img/s
-                                   # alone against 2,944, after a 5-minute compile (pair it with compile_cache)
+                                   # kernel choices for every convolution: resnet50 alone on an H100 3,124
+                                   # img/s (with inductor freezing) against 2,889-2,944 default, after a
+                                   # 5-minute compile (pair it with compile_cache)
     compile_cache: str = ""        # folder (local or s3://) for torch's compile cache, one file per model
                                    # version, device kind and torch: actors on fresh nodes load it instead
                                    # of compiling everything again; empty: off
