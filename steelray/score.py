@@ -252,15 +252,31 @@ def _read_manifest(uri: str, s3: S3Config | None) -> list[str]:
     return [storage.join(base, e) for _, e in entries]
 
 
-def done_uris(output: str, digest: str, s3: S3Config | None) -> pa.Table:
+def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema | None = None) -> pa.Table:
     """``source_uri``, ``error`` and ``flagged`` (when present) of every row already in ``output``
-    for this checkpoint digest. Hidden files (``.``/``_``: unfinished writes) are ignored."""
+    for this checkpoint digest. Hidden files (``.``/``_``: unfinished writes) are ignored. With
+    ``schema`` (what this job writes), the output must hold files of the same columns."""
     dataset = _open_dataset(output, s3)
     empty = pa.table({"source_uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+    if dataset is not None and schema is not None:
+        _same_family(output, dataset.schema, schema)
     if dataset is None or "checkpoint" not in dataset.schema.names:
         return empty
     columns = [c for c in ("source_uri", "error", "flagged") if c in dataset.schema.names]
     return dataset.to_table(columns=columns, filter=pc.field("checkpoint") == digest)
+
+
+def _same_family(output: str, there: pa.Schema, ours: pa.Schema) -> None:
+    """Refuse to add files of other columns to an output: readers take the columns of the first
+    file they open (pandas, pyarrow) and would drop the others' without a word."""
+    have = [n for n in there.names if n != "run_date"]
+    if have != ours.names:
+        classes = (there.metadata or {}).get(CLASSES_KEY, b"?").decode()
+        missing, extra = [n for n in ours.names if n not in have], [n for n in have if n not in ours.names]
+        raise ScoreError(f"{output}: holds predictions of another model family (classes {classes}; columns "
+                         f"this job would add: {missing or 'none'}, columns it would lack: {extra or 'none'}); "
+                         "files of different columns in one output are unreadable as one table, so score "
+                         "this model into an output root of its own")
 
 
 def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
@@ -753,7 +769,7 @@ def run(job: ScoreJob) -> Summary:
     inputs = list_inputs(sc, s3)
     out_root = sc.output if storage.is_s3(sc.output) else os.path.abspath(os.path.expanduser(sc.output))
     inputs = [(i, u) for i, u in inputs if not u.startswith(out_root.rstrip("/") + "/")]  # output inside input
-    before = done_uris(sc.output, plan.digest, s3)
+    before = done_uris(sc.output, plan.digest, s3, plan.schema())
     done = set(before.column("source_uri").to_pylist())
     todo = [(i, u) for i, u in inputs if u not in done]
     skipped = len(inputs) - len(todo)

@@ -281,6 +281,11 @@ def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, c
             assert np.isnan(row.prob_1) and list(row.labels) == [] and not row.any_defect
     assert 2 <= summary.gate_skipped < 6
     assert (df.model == "resnet10t > unet-resnet18").all()
+    # the gate alone writes other columns (no masks): not into this output, where pandas would drop them
+    with pytest.raises(score.ScoreError, match="holds predictions of another model family") as e:
+        score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}", f"score.output={tmp_path / 'out'}"))
+    assert "columns it would lack: ['gate_prob_1'" in str(e.value) and str(tmp_path / "out") in str(e.value)
+    assert len(read(str(tmp_path / "out"))) == 10
 
 
 def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, tmp_path, sheets, ckpts):
