@@ -105,6 +105,11 @@ def main() -> None:
                     help="which compiled forward passes to time with --compile (max-autotune compiles for minutes)")
     ap.add_argument("--pipeline-compile", nargs="*", choices=["off", "on"], default=None,
                     help="score.compile in the pipeline runs (default: off, and on too with --compile)")
+    ap.add_argument("--pipeline-compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                    help="score.compile_mode in the compiled pipeline runs")
+    ap.add_argument("--compile-cache", default="",
+                    help="score.compile_cache in the pipeline runs (a folder; list a count twice in --pipeline-n "
+                         "so that the second run loads what the first compiled)")
     ap.add_argument("--naive", type=int, default=0, metavar="N",
                     help="also time the naive loop on N sheets: read, decode, predict one at a time on the GPU")
     ap.add_argument("--only-pipeline", action="store_true", help="skip the decode and model-alone figures")
@@ -241,7 +246,8 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
     for compile_, precision, share, batch, decode, calls in itertools.product(
             [c == "on" for c in args.pipeline_compile or (["off", "on"] if args.compile else ["off"])], args.precision,
             args.actor_gpus, args.batch, args.decode, args.actor_calls):
-        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share} decode {decode} actor_calls {calls}"
+        label = (f"batch {batch} compile {compile_}{f' ({args.pipeline_compile_mode})' if compile_ else ''} "
+                 f"{precision} actor_gpus {share} decode {decode} actor_calls {calls}")
         timed = []
         for k, n in enumerate(counts):
             folder = os.path.join(args.work, f"p-{n}")
@@ -254,7 +260,9 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
                                      f"score.batch_size={batch}", "score.actor_cpus=1",
                                      f"score.decode_batch={args.decode_batch}", f"score.actor_calls={calls}",
                                      f"score.compile={str(compile_).lower()}", f"score.precision={precision}",
-                                     f"score.actor_gpus={share}", f"score.decode={decode}"], config.ScoreJob)
+                                     f"score.actor_gpus={share}", f"score.decode={decode}",
+                                     f"score.compile_mode={args.pipeline_compile_mode}",
+                                     f"score.compile_cache={args.compile_cache}"], config.ScoreJob)
             s = score.run(job)
             timed.append((n, s.seconds))
             print(f"pipeline score.run {label}: {s.images_per_s:.0f} img/s over {s.scored} sheets "

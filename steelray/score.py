@@ -394,6 +394,11 @@ class Scorer:
 
         from steelray import checkpoint, presets
 
+        if not logging.getLogger().handlers and not log.parent.handlers:  # a Ray worker: our lines to its log
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            log.parent.addHandler(handler)
+            log.parent.setLevel(logging.INFO)
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.presets, self.s3 = torch, presets, s3
@@ -433,7 +438,7 @@ class Scorer:
         self.cached: set[str] = set()  # graphs the cache file holds
         self.compiled = self._compiles()
         try:
-            info = self.torch.compiler.load_cache_artifacts(storage.read_bytes(self.cache, self.s3))
+            info = _load_cache_artifacts(storage.read_bytes(self.cache, self.s3))
             if info is None:  # torch logs what it could not read, and goes on
                 raise ValueError("torch read no compiled graph from it")
             self.cached = set(info.artifacts.get("inductor", []))
@@ -813,6 +818,26 @@ def actor_calls(sc: ScoreConfig, device: str) -> int:
 # H100 ~1,450 -> ~2,000 img/s for the job, break-even ~50,000 images per actor; resnet18 on 2 CPU
 # cores 15-17 -> 19-21 img/s steady, break-even ~2,000).
 COMPILE_FROM = {"cuda": 50_000, "cpu": 2_000}
+
+
+def _load_cache_artifacts(blob: bytes):
+    """``torch.compiler.load_cache_artifacts``, but keeping every graph. Each save appends the graphs
+    compiled since the last one to the bytes as a new chunk, and torch's loader (2.11-2.14) turns the
+    chunks into a dict by kind, so only the last chunk's graphs were loaded: an actor that compiled a
+    second batch shape saved a file that gave back only that shape. Merged here; where torch's
+    internals differ, its own loader."""
+    import torch
+
+    try:
+        from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+    except ImportError:
+        return torch.compiler.load_cache_artifacts(blob)
+    CacheArtifactManager._ensure_cache_artifacts_registered()
+    merged: dict[str, list] = {}
+    for kind, artifacts in AppendingByteSerializer.to_list(blob, deserialize_fn=_deserialize_single_cache):
+        merged.setdefault(kind, []).extend(artifacts)
+    return CacheArtifactManager.populate_caches(merged)
 
 
 def compile_cache_uri(folder: str, plan: Plan, device, precision: str, mode: str) -> str:
