@@ -394,11 +394,12 @@ class Scorer:
 
         from steelray import checkpoint, presets
 
-        if not logging.getLogger().handlers and not log.parent.handlers:  # a Ray worker: our lines to its log
+        ours = logging.getLogger("steelray")
+        if not logging.getLogger().handlers and not ours.handlers:  # a Ray worker: our lines to its log
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            log.parent.addHandler(handler)
-            log.parent.setLevel(logging.INFO)
+            ours.addHandler(handler)
+            ours.setLevel(logging.INFO)
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.presets, self.s3 = torch, presets, s3
@@ -416,6 +417,8 @@ class Scorer:
             torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         self.schema = plan.schema()
         self.cache = compile_cache_uri(compile_cache, plan, self.device, precision, compile_mode) if compile else ""
+        self.cached: set[str] = set()  # graphs the cache file holds
+        self.compiled = 0              # compiles seen in this process at the last save (or load)
         if self.cache:
             self._load_compile_cache()
         self.models, self.eager, self.proven = {}, {}, set()
@@ -435,7 +438,6 @@ class Scorer:
         """Load torch's portable compile cache (``score.compile_cache``), so that compiling here
         reuses what an earlier actor compiled for the same models, kind of device and torch. Never
         fails the job: without the file, the actor compiles as it would have."""
-        self.cached: set[str] = set()  # graphs the cache file holds
         self.compiled = self._compiles()
         try:
             info = _load_cache_artifacts(storage.read_bytes(self.cache, self.s3))
@@ -821,7 +823,8 @@ COMPILE_FROM = {"cuda": 50_000, "cpu": 2_000}
 
 
 def _load_cache_artifacts(blob: bytes):
-    """``torch.compiler.load_cache_artifacts``, but keeping every graph. Each save appends the graphs
+    """``torch.compiler.load_cache_artifacts``, but keeping every graph, now and in later saves. Each
+    save appends the graphs
     compiled since the last one to the bytes as a new chunk, and torch's loader (2.11-2.14) turns the
     chunks into a dict by kind, so only the last chunk's graphs were loaded: an actor that compiled a
     second batch shape saved a file that gave back only that shape. Merged here; where torch's
@@ -837,7 +840,15 @@ def _load_cache_artifacts(blob: bytes):
     merged: dict[str, list] = {}
     for kind, artifacts in AppendingByteSerializer.to_list(blob, deserialize_fn=_deserialize_single_cache):
         merged.setdefault(kind, []).extend(artifacts)
-    return CacheArtifactManager.populate_caches(merged)
+    info = CacheArtifactManager.populate_caches(merged)
+    # Recorded as this process's own, as a compile records what it makes: the next save writes them
+    # too, so shapes this actor loads but never uses (tonight's last batch is another size) stay.
+    for kind, artifacts in merged.items():
+        for artifact in artifacts:
+            if artifact not in CacheArtifactManager._seen_artifacts:
+                CacheArtifactManager._new_cache_artifacts[kind].append(artifact)
+                CacheArtifactManager._seen_artifacts.add(artifact)
+    return info
 
 
 def compile_cache_uri(folder: str, plan: Plan, device, precision: str, mode: str) -> str:

@@ -487,16 +487,21 @@ plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.Sc
 uris = np.array(uris, dtype=object)
 batch = score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
                               expect_size=plan.expect_size, s3=None, retries=0, threads=4)
-rows = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=folder)(batch).to_pandas()
-print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+scorer = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=folder)
+rows = scorer(batch).to_pandas()
+hit, miss = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+scorer({k: v[:1] for k, v in batch.items()})  # a shape the file lacks: compiled, the file rewritten
+kept = score._load_cache_artifacts(open(scorer.cache, "rb").read()).artifacts["inductor"]
+print(json.dumps({"hit": hit, "miss": miss, "graphs_after": len(kept),
                   "probs": rows[[c for c in rows.columns if c.startswith("prob_")]].to_numpy(float).tolist()}))
 """
 
 
 def test_compile_cache_is_written_once_and_a_fresh_process_compiles_from_it(sheets, ckpts, tmp_path, caplog):
     """score.compile_cache: an actor writes what it compiled, each batch shape once; an actor on a
-    fresh node (here: a process with an empty inductor cache) loads every shape and compiles nothing
-    from scratch; a cache file it cannot read is a warning, and the actor compiles as it would have."""
+    fresh node (here: a process with an empty inductor cache) loads every shape, compiles nothing it
+    loaded, and adds a new shape without dropping those it did not use; a cache file it cannot read
+    is a warning, and the actor compiles as it would have."""
     plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
     batch = decoded_batch(sheets, plan, 4)
     folder = tmp_path / "cache"
@@ -522,6 +527,8 @@ def test_compile_cache_is_written_once_and_a_fresh_process_compiles_from_it(shee
     assert (got["hit"], got["miss"]) == (1, 0), fresh.stderr[-3000:]
     loaded = re.search(r"loaded (\d+) compiled graph", fresh.stderr)
     assert loaded and int(loaded.group(1)) >= 2, fresh.stderr[-3000:]
+    # its new shape (1 row) joined the file, and the shape it did not use (2 rows) stayed
+    assert got["graphs_after"] == int(loaded.group(1)) + 1
     np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
 
     (tmp_path / "broken").mkdir()
