@@ -119,7 +119,9 @@ def ray_local(tmp_path_factory):
 
     ray.init(num_cpus=2, resources={"trial_driver": 4},  # Tune trial drivers run on this, not on CPUs
              _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+             # Ray Train's controller polls its workers every 2 s: a tiny test run waits up to that
+             # long after its last epoch, 1-3 s a run here, over ~15 runs
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
     yield ray
     ray.shutdown()
 
