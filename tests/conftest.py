@@ -100,7 +100,7 @@ def sheets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def load_job():
     """An entry script under jobs/ as a module, to call its ``main(argv)`` in the test's process (a
-    subprocess pays ~5 s of imports on this box)."""
+    subprocess imports torch and the rest again)."""
     import importlib.util
 
     def load(name: str):
@@ -119,8 +119,8 @@ def ray_local(tmp_path_factory):
 
     ray.init(num_cpus=2, resources={"trial_driver": 4},  # Tune trial drivers run on this, not on CPUs
              _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
-             # Ray Train's controller polls its workers every 2 s: a tiny test run waits up to that
-             # long after its last epoch, 1-3 s a run here, over ~15 runs
+             # Ray Train's controller polls its workers every 2 s by default: a tiny test run waits
+             # up to that long after its last epoch
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
     yield ray
     ray.shutdown()
