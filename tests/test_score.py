@@ -167,12 +167,20 @@ def plain(column: pd.Series) -> list:
     return [list(v) if isinstance(v, (list, np.ndarray)) else None if pd.isna(v) else v for v in column]
 
 
-def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(ray_local, tmp_path,
-                                                                                      sheets, ckpts):
-    files = put_inputs(sheets, str(tmp_path / "in"), n=3)
+@pytest.fixture(scope="module")
+def seg_scored(ray_local, tmp_path_factory, sheets, ckpts):
+    """3 good sheets and the 4 bad files scored by the segmenter into ``<root>/out``; the segmenter
+    test adds a second model version there."""
+    root = tmp_path_factory.mktemp("seg-scored")
+    files = put_inputs(sheets, str(root / "in"), n=3)
+    summary = score.run(job(f"score.input={root / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
+                            f"score.output={root / 'out'}"))
+    return root, files, summary
+
+
+def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(seg_scored, ckpts):
+    tmp_path, files, summary = seg_scored
     seg = ckpts["segmenter"]
-    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}",
-                            f"score.output={tmp_path / 'out'}"))
     assert (summary.scored, summary.errored) == (3, 4)
     df = read(str(tmp_path / "out"))
     assert len(df) == 7
@@ -195,16 +203,6 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
     rows, left_out = score.kaggle_rows(score.read_output(str(tmp_path / "out")))
     assert left_out == 4 and len(rows) == 3 * 4
 
-    import duckdb  # the README's DuckDB query reads the same rows, types included
-
-    got = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path / 'out'}/*/*.parquet', hive_partitioning=true) "
-                     "ORDER BY image_id").df()
-    want = df.sort_values("image_id").reset_index(drop=True)
-    assert list(got.columns) == list(want.columns) and len(got) == 7
-    assert [str(d)[:10] for d in got.run_date] == ["2026-11-22"] * 7
-    assert (got.scored_at == want.scored_at).all() and str(got.scored_at.dt.tz) in ("UTC", "Etc/UTC")
-    for col in ["image_id", "error", "labels"] + [f"rle_{c}" for c in CLASSES] + [f"area_{c}" for c in CLASSES]:
-        assert plain(got[col]) == plain(want[col]), col
     assert {(r[0], r[1]) for r in rows} == {(i, c) for i in df[df.error.isna()].image_id for c in CLASSES}
 
     # Other minimum areas make another model version, scored into the same output beside the first
@@ -235,6 +233,36 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
     assert len(exported) == 3 * 4 and set(exported.ImageId) == set(df2[df2.error.isna()].index)
     for r in exported.itertuples():
         assert r.EncodedPixels == df2.loc[r.ImageId, f"rle_{r.ClassId}"]
+
+
+@pytest.mark.parametrize("reader", ["duckdb", "spark"])
+def test_duckdb_and_spark_read_the_rows_pandas_reads(seg_scored, reader, request):
+    """The README's DuckDB query and ``spark.read.parquet(output)`` give pandas' rows: the same
+    values, UTC timestamps, list-of-string labels, the run date as a column."""
+    out = seg_scored[0] / "out"
+    want = read(str(out)).sort_values(["image_id", "checkpoint"]).reset_index(drop=True)
+    micros = (want.scored_at - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+    if reader == "duckdb":
+        import duckdb
+
+        got = duckdb.sql(f"SELECT * FROM read_parquet('{out}/*/*.parquet', hive_partitioning=true) "
+                         "ORDER BY image_id, checkpoint").df()
+        assert str(got.scored_at.dt.tz) in ("UTC", "Etc/UTC") and (got.scored_at == want.scored_at).all()
+    else:
+        from pyspark.sql import functions as F
+
+        frame = request.getfixturevalue("spark").read.parquet(str(out))
+        types = dict(frame.dtypes)
+        assert (types["scored_at"], types["labels"], types["height"], types["prob_1"], types["area_1"]) == \
+            ("timestamp", "array<string>", "int", "float", "bigint")
+        # Spark's timestamp is an instant (UTC in the file); collect() would render it in local time
+        frame = frame.withColumn("scored_at", F.unix_micros("scored_at"))
+        got = pd.DataFrame([r.asDict() for r in frame.orderBy("image_id", "checkpoint").collect()])
+        assert got.scored_at.tolist() == micros.tolist()
+    assert list(got.columns) == list(want.columns) and len(got) == len(want) >= 7
+    assert [str(d)[:10] for d in got.run_date] == want.run_date.tolist()
+    for col in want.columns.drop(["scored_at", "run_date"]):
+        assert plain(got[col]) == plain(want[col]), col
 
 
 def test_output_files_are_named_by_model_version_and_images(tmp_path):

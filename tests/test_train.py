@@ -127,32 +127,30 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(ray_loc
     assert rows["resumed_from_epoch"].iloc[-1] >= 1, "the restarted workers started over instead of resuming"
 
 
-def test_rerunning_the_same_run_name_resumes(ray_local, tmp_path, neu_small):
-    common = [f"data.root={neu_small}", "model.name=simple_cnn", "input.size=[32,32]", "ray.num_workers=1"]
-    run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=2")
-    result = run("jobs/configs/neu.yaml", tmp_path, *common, "train.epochs=4")
-    rows = pd.read_csv(f"{result.run_uri}/metrics.csv")
-    assert rows["epoch"].tolist() == [1, 2, 3, 4]
-    assert rows["resumed_from_epoch"].tolist() == [0, 0, 2, 2]
-    assert result.best_checkpoint.rsplit("/", 1)[1].startswith("epoch-000")
-
-
-def test_data_and_checkpoints_on_s3(ray_local, tmp_path, bucket, s3_endpoint):
+def test_data_and_checkpoints_on_s3_and_the_same_run_name_resumes_from_there(ray_local, tmp_path, bucket,
+                                                                            s3_endpoint):
     """Images read from S3 by the workers; metrics and checkpoints written to S3; the best checkpoint
-    loads back from its s3:// URI. S3 settings travel in the config, not the workers' environment."""
+    loads back from its s3:// URI; run again with the same run name and more epochs, training goes on
+    from the last checkpoint there. S3 settings travel in the config, not the workers' environment."""
     import s3fs
 
     synth.make_neu(f"{bucket}/neu", 4, seed=3, workers=1)
     s3 = [f"s3.endpoint_url={s3_endpoint}", "s3.access_key_id=testing", "s3.secret_access_key=testing",
           "s3.region=us-east-1"]
-    cfg = config.load("jobs/configs/neu.yaml", [
-        f"data.root={bucket}/neu", "model.name=simple_cnn", "input.size=[32,32]", "train.epochs=2",
-        "train.loader_workers=0", f"ray.storage_path={bucket}/runs", "ray.run_name=s3run", *s3])
-    result = train.fit(cfg)
+    common = [f"data.root={bucket}/neu", "model.name=simple_cnn", "input.size=[32,32]", "train.loader_workers=0",
+              f"ray.storage_path={bucket}/runs", "ray.run_name=s3run", *s3]
+    result = train.fit(config.load("jobs/configs/neu.yaml", [*common, "train.epochs=2"]))
     assert result.run_uri == f"{bucket}/runs/s3run"
     assert result.best_checkpoint.startswith(f"{bucket}/runs/s3run/epoch-000")
     fs = s3fs.S3FileSystem()
     assert "testing" not in fs.cat(f"{bucket}/runs/s3run/config.yaml").decode()   # secrets masked
     assert len(pd.read_csv(fs.open(f"{bucket}/runs/s3run/metrics.csv"))) == 2
+    cfg = config.load("jobs/configs/neu.yaml", [*common, "train.epochs=4", "ray.num_workers=1"])
     model, meta = checkpoint.load_model(result.best_checkpoint, cfg.s3)
     assert meta["epoch"] in (1, 2) and model(torch.zeros(1, 1, 32, 32)).shape == (1, 6)
+
+    again = train.fit(cfg)  # one worker now: the checkpoint does not depend on how many trained it
+    fs.invalidate_cache()
+    rows = pd.read_csv(fs.open(f"{again.run_uri}/metrics.csv"))
+    assert rows["epoch"].tolist() == [1, 2, 3, 4] and rows["resumed_from_epoch"].tolist() == [0, 0, 2, 2]
+    assert again.best_checkpoint.startswith(f"{bucket}/runs/s3run/epoch-000")

@@ -83,14 +83,14 @@ def test_asha_runs_on_epochs_up_to_the_longest_trial():
 # --- sweeps on a local Ray ------------------------------------------------------------------------
 
 def test_sweep_with_asha_writes_table_and_best_yaml_and_a_nan_trial_fails(ray_local, tmp_path, neu_small):
-    """4 trials on 2 CPUs (2 at a time); lr 1e30 diverges to NaN: that trial fails readably, the
+    """3 trials on 2 CPUs (2 at a time); lr 1e30 diverges to NaN: that trial fails readably, the
     others finish; the best config is a training config."""
     cfg = config.load(NEU, [f"data.root={neu_small}", *SMALL, "train.epochs=3", f"ray.storage_path={tmp_path}",
                             "tune.name=sw", "tune.search=grid", "tune.grace_period=1",
-                            "tune.space={train.lr: {choice: [1e-3, 1e30, 3e-3, 1e-2]}}"])
+                            "tune.space={train.lr: {choice: [1e-3, 1e30, 1e-2]}}"])
     result = tune.run(cfg)
     t = result.trials.set_index("train.lr")
-    assert len(t) == 4 and t.trial_id.is_unique
+    assert len(t) == 3 and t.trial_id.is_unique
     assert t.loc[1e30, "status"] == "failed" and t.loc[1e30, "epochs"] == 0
     assert "FloatingPointError: training diverged at epoch 1: train_loss nan" in t.loc[1e30, "error"]
     others = t.drop(index=1e30)
