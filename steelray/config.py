@@ -156,8 +156,8 @@ class ScoreConfig:
     expect_size: list[int] = _f([])  # [height, width] every sheet must have; empty: 256x1600 for
                                    # checkpoints trained on Severstal, any size otherwise
     min_area: list[int] = _f([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
-    batch_size: int = _f(0, min=0)       # images per model call; 0: 64 on GPU (resnet50 at 256x1600
-                                         # on an H100: 1,595/s at 64, 1,616 at 128), 16 on CPU
+    batch_size: int = _f(0, min=0)       # images per model call; 0: 256 on GPU (where a batch does
+                                         # not fit in GPU memory the actor halves it, logged), 16 on CPU
     actors: int = _f(0, min=0)           # model actors; 0: one per actor_gpus of each GPU, else 1
     actor_gpus: float = _f(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
     actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)

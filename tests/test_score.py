@@ -503,6 +503,51 @@ def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+class OutOfMemoryAbove(torch.nn.Module):
+    """A model on a GPU that holds ``fits`` images at once: a larger batch fails as CUDA's allocator
+    fails (there is no GPU here to fill; the ``-m gpu`` test below fills a real one)."""
+
+    def __init__(self, model: torch.nn.Module, fits: int):
+        super().__init__()
+        self.model, self.fits, self.seen = model, fits, []
+
+    def forward(self, x):
+        self.seen.append(len(x))
+        if len(x) > self.fits:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} images' worth")
+        return self.model(x)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets, ckpts, caplog):
+    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    batch, uri = decoded_batch(sheets, plan, 8), plan.primary.uri
+    want = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
+    probs = [c for c in want.columns if c.startswith("prob_")]
+    scorer = score.Scorer(plan, None, "cpu", 0)
+    tight = scorer.models[uri] = scorer.eager[uri] = OutOfMemoryAbove(scorer.eager[uri], 3)
+    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+        got = scorer(batch).to_pandas()
+    assert tight.seen == [8, 4, 2, 2, 2, 2] and "a batch of 4 images ran out of GPU memory; running 2" in caplog.text
+    np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
+    tight.seen.clear()
+    scorer(batch)
+    assert tight.seen == [2, 2, 2, 2]   # the size that fits is kept
+
+    # Compiled, running out of memory is no compile failure: the model stays compiled, and short
+    # batches are padded to at most the size that fits (dynamo without inductor: no C++ build here).
+    scorer = score.Scorer(plan, None, "cpu", 0)
+    tight = scorer.eager[uri] = OutOfMemoryAbove(scorer.eager[uri], 5)
+    scorer.models[uri], scorer.pad_to = torch.compile(tight, backend="eager", dynamic=False), 8
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+        got = scorer(batch).to_pandas()
+        short = scorer({k: v[:3] for k, v in batch.items()}).to_pandas()
+    assert scorer.models[uri] is not scorer.eager[uri] and "failed on this node" not in caplog.text
+    assert tight.seen == [8, 4, 4, 4] and len(short) == 3   # 3 rows padded to 4, not to 8
+    np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
+    np.testing.assert_allclose(short[probs].to_numpy(float), want[probs][:3].to_numpy(float), atol=1e-6)
+
+
 COMPILE_CACHE_READER = """
 import json, logging, sys
 import numpy as np
@@ -599,9 +644,9 @@ def test_compile_auto_compiles_where_each_actor_wins_the_compile_back(setting, d
     assert score.use_compile(job(f"score.compile={setting}").score, device, images, actors) is want
 
 
-def test_model_batch_defaults_to_64_on_gpu_and_16_on_cpu():
+def test_model_batch_defaults_to_256_on_gpu_and_16_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
-    assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (64, 16)
+    assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (256, 16)
     assert score.model_batch(job().score, "cuda") == 4  # set: taken as it is
 
 
@@ -622,6 +667,23 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
         cpu = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
         gpu = score.Scorer(plan, None, "cuda", 0, precision=precision)(batch).to_pandas()
         assert_rows_agree(gpu, cpu)
+
+
+@pytest.mark.gpu
+def test_a_batch_too_large_for_the_gpu_runs_in_halves(tmp_path, sheets, caplog):
+    """A real out-of-memory: resnet50 on full 256x1600 sheets, 8,192 at once (its first layer's
+    output alone would be over 100 GB), runs in halves; the rows match a batch of 8."""
+    ckpt = make_checkpoint(tmp_path / "r50", "multilabel", "resnet50", size=(256, 1600))
+    plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+    small = decoded_batch(sheets, plan, 8)
+    large = {k: np.concatenate([v] * 1024) for k, v in small.items()}
+    scorer = score.Scorer(plan, None, "cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+        got = scorer(large).to_pandas()
+    assert "ran out of GPU memory" in caplog.text and 1 <= scorer.fits[ckpt] < 8192
+    want = score.Scorer(plan, None, "cuda", 0)(small).to_pandas()
+    probs = [c for c in want.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(got[probs].to_numpy(float), np.tile(want[probs].to_numpy(float), (1024, 1)), atol=0.02)
 
 
 @pytest.mark.gpu
