@@ -15,9 +15,11 @@ Nothing lost, nothing twice: every input becomes one row, a prediction or an ``e
 the images already in the output for the same checkpoint digest; a file appears under its final name
 only once it is complete (local: written hidden, then renamed; S3: one PUT), so a killed job leaves
 nothing half-written for readers, and its rerun scores exactly what is missing. After the write the
-driver re-reads the output and fails if any input is missing or duplicated.
+driver re-reads the output and fails if any input is missing or duplicated. One job at a time per
+output and model version (``runlock``): a second one would score every image again.
 
-Output: ``<output>/run_date=YYYY-MM-DD/part-<hash>.parquet``, columns in README.md ("Scoring output").
+Output: ``<output>/run_date=YYYY-MM-DD/part-<checkpoint>-<hash>.parquet``, columns in README.md
+("Output schema").
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from steelray import metrics, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
 from steelray.data import SEVERSTAL_SIZE, DataError, decode_image, probe_image
 from steelray.preprocess import Preprocess
+from steelray.runlock import LockHeld, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +288,9 @@ def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
     if not fs.isdir(path):
         return None
     try:
-        return pds.dataset(path, filesystem=fs, format="parquet",
-                           partitioning=pds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"))
+        dataset = pds.dataset(path, filesystem=fs, format="parquet",
+                              partitioning=pds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"))
+        return dataset if dataset.files else None  # e.g. only a running job's _running/ lock so far
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         if "no files" in str(e).lower():
             return None
@@ -722,8 +726,9 @@ class ParquetSink(_Datasink):
         table = pa.concat_tables(tables)
         # Named by the model version and the rows' images: a retried write replaces its own file,
         # and another model scoring the same images into the same output never replaces this one.
-        key = pc.unique(table.column("checkpoint")).to_pylist() + table.column("source_uri").to_pylist()
-        name = f"part-{hashlib.sha1(chr(10).join(key).encode()).hexdigest()[:20]}.parquet"
+        versions = pc.unique(table.column("checkpoint")).to_pylist()
+        key = versions + table.column("source_uri").to_pylist()
+        name = f"part-{file_tag('+'.join(versions))}-{hashlib.sha1(chr(10).join(key).encode()).hexdigest()[:16]}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         write_atomic(storage.join(self.folder, name), buf.getvalue(), self.s3, self.retries)
@@ -747,10 +752,17 @@ def write_atomic(uri: str, data: bytes, s3: S3Config | None = None, retries: int
     os.replace(tmp, path)
 
 
-def _remove_stale_temporaries(folder: str) -> int:
+def file_tag(digest: str) -> str:
+    """A model version as it appears in file names (a cascade's ``gate>segmenter`` has a ``>``)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", digest)
+
+
+def _remove_stale_temporaries(folder: str, digest: str) -> int:
+    """Unfinished files of this model version, left by a job killed while writing. Only this
+    version's: a job of another version may be writing beside it (the run lock is per version)."""
     if storage.is_s3(folder) or not os.path.isdir(folder):
         return 0
-    stale = [f for f in os.listdir(folder) if f.startswith(".part-") and f.endswith(".tmp")]
+    stale = [f for f in os.listdir(folder) if f.startswith(f".part-{file_tag(digest)}-") and f.endswith(".tmp")]
     for f in stale:
         os.remove(os.path.join(folder, f))
     return len(stale)
@@ -789,8 +801,6 @@ class Summary:
 
 
 def run(job: ScoreJob) -> Summary:
-    import ray
-
     sc, s3 = job.score, job.s3
     if not sc.output:
         raise ScoreError("score.output: required (a folder or s3:// prefix for the Parquet dataset)")
@@ -801,13 +811,31 @@ def run(job: ScoreJob) -> Summary:
     inputs = list_inputs(sc, s3)
     out_root = sc.output if storage.is_s3(sc.output) else os.path.abspath(os.path.expanduser(sc.output))
     inputs = [(i, u) for i, u in inputs if not u.startswith(out_root.rstrip("/") + "/")]  # output inside input
+    if not sc.lock_ttl:  # the user makes sure that one job at a time writes this output
+        return _score(plan, sc, s3, inputs, partition, start)
+    lock = RunLock(sc.output, plan.digest, s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise ScoreError(str(e)) from None
+    try:
+        return _score(plan, sc, s3, inputs, partition, start)
+    finally:
+        lock.release()
+
+
+def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[str, str]], partition: str,
+           start: float) -> Summary:
+    """``run`` once this job holds the output for its model version."""
+    import ray
+
     before = done_uris(sc.output, plan.digest, s3, plan.schema())
     done = set(before.column("source_uri").to_pylist())
     todo = [(i, u) for i, u in inputs if u not in done]
     skipped = len(inputs) - len(todo)
     print(f"score: {len(inputs)} input(s), {skipped} already scored by {plan.model_name} "
           f"({plan.digest}), {len(todo)} to score into {partition}", flush=True)
-    removed = _remove_stale_temporaries(partition)
+    removed = _remove_stale_temporaries(partition, plan.digest)
     if removed:
         log.warning("%s: removed %d unfinished file(s) left by an interrupted run", partition, removed)
     if todo:

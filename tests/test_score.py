@@ -277,6 +277,13 @@ def test_output_files_are_named_by_model_version_and_images(tmp_path):
     got = pq.read_table(tmp_path).to_pandas()
     assert sorted(zip(got.checkpoint, got.prob_1)) == [("v1", 0.2), ("v1", 0.2), ("v2", 0.3), ("v2", 0.3)]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    assert first[0].startswith("part-v1-") and score.file_tag("ab12>cd34") == "ab12_cd34"
+    # A killed v1 job's unfinished file is removed by the next v1 job; a v2 job writing beside it
+    # keeps its own (each version's job holds its own lock).
+    for version in ("v1", "v2"):
+        (tmp_path / f".part-{version}-0123.parquet.99.tmp").write_bytes(b"half a file")
+    assert score._remove_stale_temporaries(str(tmp_path), "v1") == 1
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == [".part-v2-0123.parquet.99.tmp"]
 
 
 def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, ckpts):
@@ -372,6 +379,20 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
     assert len(df) == 16 and df.source_uri.is_unique and df.error.isna().all()
     assert summary.skipped >= len(at_kill) and summary.scored + summary.skipped == 16
     assert not [f for f in os.listdir(part) if f.startswith(".")], "temporary files left behind"
+    assert not os.listdir(out / "_running"), "the rerun took the killed job's lock over and released it"
+
+
+def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(tmp_path, sheets, ckpts):
+    """Two jobs at once would both score every image: the second stops, naming the first."""
+    from steelray.runlock import RunLock
+
+    put_inputs(sheets, str(tmp_path / "in"), n=1)
+    ckpt, out = ckpts["multilabel"], str(tmp_path / "out")
+    with RunLock(out, score.describe(ckpt).digest, what="the nightly job"):
+        with pytest.raises(score.ScoreError, match=r"another scoring job with this model is writing this output "
+                                                   r"\(host .*, pid .*, the nightly job"):
+            score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}"))
+    assert os.listdir(out) == ["_running"] and not os.listdir(tmp_path / "out" / "_running")
 
 
 def decoded_batch(sheets, plan, n=8) -> dict:
