@@ -701,7 +701,7 @@ def test_a_batch_too_large_for_the_gpu_runs_in_halves(tmp_path, sheets, caplog):
     scorer = score.Scorer(plan, None, "cuda", 0)
     with caplog.at_level(logging.WARNING, logger="steelray.score"):
         got = scorer(large).to_pandas()
-    assert "ran out of GPU memory" in caplog.text and 1 <= scorer.fits[ckpt] < 8192
+    assert "ran out of GPU memory" in caplog.text and 1 <= scorer.fits[plan.primary.uri] < 8192
     want = score.Scorer(plan, None, "cuda", 0)(small).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
     np.testing.assert_allclose(got[probs].to_numpy(float), np.tile(want[probs].to_numpy(float), (1024, 1)), atol=0.02)
