@@ -62,7 +62,7 @@ class RunLock:
             return json.loads(storage.read_bytes(self.uri, self.s3))
         except FileNotFoundError:
             return None
-        except ValueError:  # half a file: a writer died mid-write on a filesystem without atomic writes
+        except ValueError:  # every write is whole (S3 PUT, link or rename): a damaged file
             return {}
 
     def _write(self, exclusive: bool) -> None:
@@ -72,14 +72,16 @@ class RunLock:
             fs.pipe_file(path, data, **({"mode": "create"} if exclusive else {}))
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if exclusive:
-            with open(path, "xb") as f:
-                f.write(data)
-            return
         tmp = f"{path}.{self.token}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # appears whole, and only where there was none (FileExistsError)
+        finally:
+            os.remove(tmp)
 
     def gone(self, held: dict) -> str:
         """Why the holder ``held`` no longer runs, or "" while it may."""

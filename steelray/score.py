@@ -727,8 +727,8 @@ class ParquetSink(_Datasink):
         # Named by the model version and the rows' images: a retried write replaces its own file,
         # and another model scoring the same images into the same output never replaces this one.
         versions = pc.unique(table.column("checkpoint")).to_pylist()
-        key = versions + table.column("source_uri").to_pylist()
-        name = f"part-{file_tag('+'.join(versions))}-{hashlib.sha1(chr(10).join(key).encode()).hexdigest()[:16]}.parquet"
+        digest = hashlib.sha1("\n".join(versions + table.column("source_uri").to_pylist()).encode()).hexdigest()
+        name = f"part-{file_tag('+'.join(versions))}-{digest[:16]}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         write_atomic(storage.join(self.folder, name), buf.getvalue(), self.s3, self.retries)
