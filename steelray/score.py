@@ -813,7 +813,7 @@ def run(job: ScoreJob) -> Summary:
     inputs = [(i, u) for i, u in inputs if not u.startswith(out_root.rstrip("/") + "/")]  # output inside input
     if not sc.lock_ttl:  # the user makes sure that one job at a time writes this output
         return _score(plan, sc, s3, inputs, partition, start)
-    lock = RunLock(sc.output, plan.digest, s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
+    lock = RunLock(sc.output, file_tag(plan.digest), s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
     try:
         lock.acquire()
     except LockHeld as e:

@@ -388,7 +388,7 @@ def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(t
 
     put_inputs(sheets, str(tmp_path / "in"), n=1)
     ckpt, out = ckpts["multilabel"], str(tmp_path / "out")
-    with RunLock(out, score.describe(ckpt).digest, what="the nightly job"):
+    with RunLock(out, score.file_tag(score.describe(ckpt).digest), what="the nightly job"):
         with pytest.raises(score.ScoreError, match=r"another scoring job with this model is writing this output "
                                                    r"\(host .*, pid .*, the nightly job"):
             score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}"))
