@@ -12,7 +12,8 @@ becomes exactly one row: a prediction, or an error saying what is wrong with tha
 skips what the output already holds for the same checkpoint. Settings: `score.*` and `s3.*` keys,
 from --config YAML and/or key=value overrides (see steelray/config.py, ScoreConfig).
 
-Exit status: 0 done, 1 the output failed verification, 2 bad arguments or checkpoint.
+Exit status: 0 done, 1 the output failed verification, 2 bad arguments or checkpoint, 3 another job
+with the same model is writing the output (it names that job; nothing was scored).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         return 2
     except score.ScoreError as e:
         print(f"score: {e}", file=sys.stderr)
-        return 1 if isinstance(e, score.VerificationError) else 2
+        return 1 if isinstance(e, score.VerificationError) else 3 if isinstance(e, score.OutputBusy) else 2
     for line in summary.lines():
         print(line)
     return 0

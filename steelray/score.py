@@ -64,6 +64,10 @@ class VerificationError(ScoreError):
     """The output, read back after the write, misses an input or holds one twice."""
 
 
+class OutputBusy(ScoreError):
+    """Another job with the same model is writing this output (``runlock``)."""
+
+
 def column_name(cls: str) -> str:
     """A class name as a column-name suffix: ``rolled-in_scale`` -> ``rolled_in_scale``."""
     return re.sub(r"\W+", "_", str(cls)).strip("_") or "class"
@@ -817,7 +821,7 @@ def run(job: ScoreJob) -> Summary:
     try:
         lock.acquire()
     except LockHeld as e:
-        raise ScoreError(str(e)) from None
+        raise OutputBusy(str(e)) from None
     try:
         return _score(plan, sc, s3, inputs, partition, start)
     finally:

@@ -382,16 +382,17 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
     assert not os.listdir(out / "_running"), "the rerun took the killed job's lock over and released it"
 
 
-def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(tmp_path, sheets, ckpts):
-    """Two jobs at once would both score every image: the second stops, naming the first."""
+def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(tmp_path, sheets, ckpts,
+                                                                               load_job, capsys):
+    """Two jobs at once would both score every image: the second stops (exit 3), naming the first."""
     from steelray.runlock import RunLock
 
     put_inputs(sheets, str(tmp_path / "in"), n=1)
     ckpt, out = ckpts["multilabel"], str(tmp_path / "out")
     with RunLock(out, score.file_tag(score.describe(ckpt).digest), what="the nightly job"):
-        with pytest.raises(score.ScoreError, match=r"another scoring job with this model is writing this output "
-                                                   r"\(host .*, pid .*, the nightly job"):
-            score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}"))
+        code = load_job("score").main(["--input", str(tmp_path / "in"), "--checkpoint", ckpt, "--output", out])
+    assert code == 3 and re.search(r"another scoring job with this model is writing this output \(host .*, "
+                                   r"pid .*, the nightly job, since", capsys.readouterr().err)
     assert os.listdir(out) == ["_running"] and not os.listdir(tmp_path / "out" / "_running")
 
 
