@@ -231,7 +231,7 @@ def spark():
     session = (SparkSession.builder.master("local[1]").appName("steelray-tests")
                .config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
                .config("spark.ui.enabled", "false").config("spark.sql.session.timeZone", "UTC")
-               # a short-lived JVM: the quick JIT tier alone starts a third faster here (8 -> 6 s)
+               # a short-lived JVM: the quick JIT tier alone starts it faster
                .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
                .getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
