@@ -153,6 +153,7 @@ def main() -> None:
         gpu = torch.from_numpy(images[idx[0]]).cuda()
         x = ((gpu.permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
         x = x.to(scorer.dtype)
+        torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=scorer.autocast):
             for _ in range(3):
                 model(x)
@@ -162,6 +163,7 @@ def main() -> None:
                 model(x)
             torch.cuda.synchronize()
         bare = reps * batch / (time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30  # what a GPU needs for this batch (score.batch_size)
         batches = [{"image_id": np.array([str(j) for j in i], dtype=object),
                     "source_uri": np.array([str(j) for j in i], dtype=object),
                     "height": np.full(batch, 256, np.int32), "width": np.full(batch, 1600, np.int32),
@@ -172,8 +174,9 @@ def main() -> None:
         rows = sum(scorer(b).num_rows for b in batches)
         torch.cuda.synchronize()
         actor = rows / (time.perf_counter() - start)
-        print(f"{args.model} 256x1600 {precision} batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s; "
-              f"Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s", flush=True)
+        print(f"{args.model} 256x1600 {precision} batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s, "
+              f"peak GPU memory {peak:.1f} GiB; Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s",
+              flush=True)
         if "actor" in args.decode:  # the actor decoding JPEG bytes itself (score.decode=actor)
             scorer = score.Scorer(plan, None, "cuda", 0, precision=precision, decode=True)
             blobs = [open(u, "rb").read() for u in src]
