@@ -56,6 +56,14 @@ def test_a_lock_whose_job_is_gone_is_taken_over_and_a_live_one_is_not(output, ca
     plant(output, "abc", host="another-node", beat=time.time() - 100)  # quiet, but not for ttl yet
     with pytest.raises(LockHeld, match="host another-node, pid 1, resnet18 on s3://x/"):
         RunLock(output, "abc", settle=0.05).acquire()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # another process on this host, still running
+        plant(output, "abc", pid=running.pid)
+        with pytest.raises(LockHeld, match=f"pid {running.pid}, "):
+            RunLock(output, "abc", settle=0.05).acquire()
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_the_holder_renews_its_lock_while_it_runs(tmp_path):
