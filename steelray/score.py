@@ -35,7 +35,7 @@ import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -803,6 +803,15 @@ class Summary:
         out.append(f"output: {self.output}")
         return out
 
+    def write(self, root: str, s3: S3Config | None) -> str:
+        """The summary as JSON under ``<root>/_runs/`` (readers of the predictions skip ``_`` folders),
+        one file per finished job, for whatever watches the nightly runs; returns its URI."""
+        finished = dt.datetime.now(dt.timezone.utc)
+        uri = storage.join(root, "_runs", f"{finished:%Y-%m-%dT%H%M%S.%fZ}-{file_tag(self.checkpoint)}.json")
+        body = {**asdict(self), "images_per_s": round(self.images_per_s, 2), "finished": finished.isoformat()}
+        write_atomic(uri, json.dumps(body, indent=1).encode(), s3)
+        return uri
+
 
 def run(job: ScoreJob) -> Summary:
     sc, s3 = job.score, job.s3
@@ -815,17 +824,23 @@ def run(job: ScoreJob) -> Summary:
     inputs = list_inputs(sc, s3)
     out_root = sc.output if storage.is_s3(sc.output) else os.path.abspath(os.path.expanduser(sc.output))
     inputs = [(i, u) for i, u in inputs if not u.startswith(out_root.rstrip("/") + "/")]  # output inside input
-    if not sc.lock_ttl:  # the user makes sure that one job at a time writes this output
-        return _score(plan, sc, s3, inputs, partition, start)
-    lock = RunLock(sc.output, file_tag(plan.digest), s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
+    lock = None  # score.lock_ttl=0: the user makes sure that one job at a time writes this output
+    if sc.lock_ttl:
+        lock = RunLock(sc.output, file_tag(plan.digest), s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            raise OutputBusy(str(e)) from None
     try:
-        lock.acquire()
-    except LockHeld as e:
-        raise OutputBusy(str(e)) from None
-    try:
-        return _score(plan, sc, s3, inputs, partition, start)
+        summary = _score(plan, sc, s3, inputs, partition, start)
     finally:
-        lock.release()
+        if lock:
+            lock.release()
+    try:
+        summary.write(sc.output, s3)
+    except Exception as e:  # noqa: BLE001 - the predictions are complete and verified; this is a report
+        log.warning("could not write the run summary under %s/_runs: %s: %s", sc.output, type(e).__name__, e)
+    return summary
 
 
 def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[str, str]], partition: str,

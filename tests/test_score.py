@@ -121,13 +121,17 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
         assert row.any_defect == bool(len(row.labels))
     assert (df.checkpoint == score.describe(ckpts["multilabel"]).digest).all() and (df.model == "resnet10t").all()
     fs, path = storage.filesystem(out)
-    files_before = sorted(fs.find(path))
+
+    def predictions() -> list[str]:
+        return sorted(f for f in fs.find(path) if "/run_date=" in f)
+
+    files_before = predictions()
 
     again = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
                           f"score.output={out}", "score.run_date=2026-11-23"))
     assert (again.scored, again.errored, again.skipped) == (0, 0, 9)
     fs.invalidate_cache()
-    assert sorted(fs.find(path)) == files_before and len(read(out)) == 9
+    assert predictions() == files_before and len(read(out)) == 9
 
     storage.write_bytes(f"{bucket}/incoming/late.jpg", files[sorted(files)[0]])  # one more sheet arrives
     late = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
@@ -136,6 +140,11 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
     df = read(out)
     assert len(df) == 10 and df.source_uri.is_unique
     assert df[df.image_id == "late.jpg"].run_date.tolist() == ["2026-11-23"]
+    # each job's summary, as JSON beside the predictions (readers skip _runs/), in the order they ran
+    fs.invalidate_cache()
+    runs = [json.loads(fs.cat(f)) for f in sorted(fs.ls(f"{path}/_runs"))]
+    assert [(r["scored"], r["errored"], r["skipped"]) for r in runs] == [(5, 4, 0), (0, 0, 9), (1, 0, 9)]
+    assert runs[2]["output"] == f"{out}/run_date=2026-11-23" and runs[2]["checkpoint"] == late.checkpoint
 
 
 def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(ray_local, bucket, sheets,
