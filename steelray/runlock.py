@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class LockHeld(RuntimeError):
+class LockError(RuntimeError):
+    """The lock could not be taken."""
+
+
+class LockHeld(LockError):
     """Another job holds the output for this model version."""
 
 
@@ -113,6 +117,10 @@ class RunLock:
                     "the file") from None
             taken_over = (held, why)
             self._write(exclusive=False)
+        except OSError as e:  # not "it exists": no write access, or an S3 store without conditional writes
+            hint = (". Where the store takes no conditional writes (If-None-Match), set score.lock_ttl=0 and run "
+                    "one job at a time") if storage.is_s3(self.uri) else ""
+            raise LockError(f"{self.uri}: could not create the run lock: {type(e).__name__}: {e}{hint}") from e
         # A store that ignores If-None-Match, or two jobs taking over from the same dead one: after
         # a moment only one of them still finds its own token there.
         if storage.is_s3(self.uri) or taken_over:

@@ -47,7 +47,7 @@ from steelray import metrics, rle, storage
 from steelray.config import S3Config, ScoreConfig, ScoreJob
 from steelray.data import SEVERSTAL_SIZE, DataError, decode_image, probe_image
 from steelray.preprocess import Preprocess
-from steelray.runlock import LockHeld, RunLock
+from steelray.runlock import LockError, LockHeld, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -831,6 +831,8 @@ def run(job: ScoreJob) -> Summary:
             lock.acquire()
         except LockHeld as e:
             raise OutputBusy(str(e)) from None
+        except LockError as e:
+            raise ScoreError(str(e)) from None
     try:
         summary = _score(plan, sc, s3, inputs, partition, start)
     finally:

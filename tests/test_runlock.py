@@ -72,3 +72,11 @@ def test_the_holder_renews_its_lock_while_it_runs(tmp_path):
         first = json.loads(storage.read_bytes(uri))["beat"]
         time.sleep(0.5)
         assert json.loads(storage.read_bytes(uri))["beat"] > first + 0.2
+
+
+def test_an_output_the_job_cannot_write_is_a_clear_error(tmp_path):
+    from steelray.runlock import LockError
+
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    with pytest.raises(LockError, match=r"out/_running/abc.json: could not create the run lock: "):
+        RunLock(str(tmp_path / "out"), "abc").acquire()
