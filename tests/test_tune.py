@@ -114,24 +114,25 @@ def test_sweep_with_asha_writes_table_and_best_yaml_and_a_nan_trial_fails(ray_lo
 
 
 def test_optuna_sweep_on_s3_storage(ray_local, bucket, s3_endpoint, neu_small):
-    """The Optuna TPE sampler through Ray Tune, with the sweep folder on S3."""
+    """The Optuna TPE sampler through Ray Tune, with the sweep folder on S3. One trial: TPE's first
+    suggestions are random startup trials anyway; what is checked is the wiring and the S3 folder."""
     import s3fs
 
     s3 = [f"s3.endpoint_url={s3_endpoint}", "s3.access_key_id=testing", "s3.secret_access_key=testing",
           "s3.region=us-east-1"]
     cfg = config.load(NEU, [f"data.root={neu_small}", *SMALL, "train.epochs=1", f"ray.storage_path={bucket}/sweeps",
-                            "tune.name=opt", "tune.search=optuna", "tune.num_samples=2", "tune.scheduler=none",
+                            "tune.name=opt", "tune.search=optuna", "tune.num_samples=1", "tune.scheduler=none",
                             "tune.space={train.lr: {loguniform: [1e-4, 1e-2]}, train.batch_size: {choice: [4, 8]}}",
                             *s3])
     result = tune.run(cfg)
     t = result.trials
-    assert len(t) == 2 and (t.status == "completed").all()
+    assert len(t) == 1 and (t.status == "completed").all()
     assert t["train.lr"].between(1e-4, 1e-2).all() and set(t["train.batch_size"]) <= {4, 8}
     assert result.best_checkpoint.startswith(f"{bucket}/sweeps/opt/train/")
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     assert fs.exists(f"{result.best_checkpoint}/model.safetensors")
     assert len(pd.read_parquet(f"{bucket}/sweeps/opt/trials.parquet",
-                               storage_options={"endpoint_url": s3_endpoint})) == 2
+                               storage_options={"endpoint_url": s3_endpoint})) == 1
     best = config.load(f"{bucket}/sweeps/opt/best.yaml")
     assert best.s3.secret_access_key == ""  # credentials are never written out
 
