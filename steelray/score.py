@@ -259,18 +259,51 @@ def _read_manifest(uri: str, s3: S3Config | None) -> list[str]:
     return [storage.join(base, e) for _, e in entries]
 
 
-def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema | None = None) -> pa.Table:
-    """``source_uri``, ``error`` and ``flagged`` (when present) of every row already in ``output``
-    for this checkpoint digest. Hidden files (``.``/``_``: unfinished writes) are ignored. With
-    ``schema`` (what this job writes), the output must hold files of the same columns."""
+def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema | None = None,
+              uris: list[str] | None = None) -> pa.Table:
+    """``source_uri``, ``error`` and ``flagged`` (when present) of the rows already in ``output``
+    for this checkpoint digest: of every such row, or (``uris``) of those rows whose image is one of
+    ``uris``. Hidden files (``.``/``_``: unfinished writes) are ignored. With ``schema`` (what this
+    job writes), the output must hold files of the same columns.
+
+    Files another model version wrote (by their name) are not opened. With ``uris``, the rows are
+    matched while they are read, so what is held is bounded by the inputs, not by the output's age
+    (a year of nightly output is millions of rows); the time still grows with the number of this
+    version's files (one footer read each)."""
     dataset = _open_dataset(output, s3)
     empty = pa.table({"source_uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})
     if dataset is not None and schema is not None:
         _same_family(output, dataset.schema, schema)
     if dataset is None or "checkpoint" not in dataset.schema.names:
         return empty
+    ours = [f for f in dataset.files if _may_hold(f, digest)]
+    if not ours:
+        return empty
+    if len(ours) < len(dataset.files):
+        fs, base = storage.filesystem(output, s3)
+        dataset = pds.dataset(ours, schema=dataset.schema, filesystem=fs, format="parquet",
+                              partitioning=_PARTITIONING, partition_base_dir=base.rstrip("/"))
     columns = [c for c in ("source_uri", "error", "flagged") if c in dataset.schema.names]
-    return dataset.to_table(columns=columns, filter=pc.field("checkpoint") == digest)
+    filt = pc.field("checkpoint") == digest
+    if uris is not None:
+        if not uris:
+            return empty
+        wanted = pa.array(sorted(set(uris)), pa.string())
+        # The range is implied by the set; unlike the set, Parquet's per-column min/max lets the
+        # reader skip whole files of other nights unread.
+        filt &= (pc.field("source_uri") >= wanted[0].as_py()) & (pc.field("source_uri") <= wanted[-1].as_py())
+        filt &= pc.field("source_uri").isin(wanted)
+    return dataset.to_table(columns=columns, filter=filt)
+
+
+_PARTITIONING = pds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+_PART_NAME = re.compile(r"part-([0-9A-Za-z_]+)-[0-9a-f]{16}\.parquet$")
+
+
+def _may_hold(path: str, digest: str) -> bool:
+    """False for a file this job's ``ParquetSink`` named for another model version."""
+    m = _PART_NAME.search(path.rsplit("/", 1)[-1])
+    return m is None or m.group(1) == file_tag(digest)
 
 
 def _same_family(output: str, there: pa.Schema, ours: pa.Schema) -> None:
@@ -292,8 +325,7 @@ def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
     if not fs.isdir(path):
         return None
     try:
-        dataset = pds.dataset(path, filesystem=fs, format="parquet",
-                              partitioning=pds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"))
+        dataset = pds.dataset(path, filesystem=fs, format="parquet", partitioning=_PARTITIONING)
         return dataset if dataset.files else None  # e.g. only a running job's _running/ lock so far
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         if "no files" in str(e).lower():
@@ -850,7 +882,7 @@ def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[
     """``run`` once this job holds the output for its model version."""
     import ray
 
-    before = done_uris(sc.output, plan.digest, s3, plan.schema())
+    before = done_uris(sc.output, plan.digest, s3, plan.schema(), uris=[u for _, u in inputs])
     done = set(before.column("source_uri").to_pylist())
     todo = [(i, u) for i, u in inputs if u not in done]
     skipped = len(inputs) - len(todo)
@@ -1009,8 +1041,8 @@ def _decode_memory(plan: Plan, sc: ScoreConfig, s3_inputs: bool, bytes_only: boo
 def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skipped: int,
             seconds: float, partition: str) -> Summary:
     """Re-read the output: every input exactly once for this checkpoint, else ScoreError."""
-    rows = done_uris(sc.output, plan.digest, s3)
     wanted = {u for _, u in inputs}
+    rows = done_uris(sc.output, plan.digest, s3, uris=list(wanted))
     counts = pc.value_counts(rows.column("source_uri")).to_pylist() if rows.num_rows else []
     dupes = [c["values"] for c in counts if c["counts"] > 1 and c["values"] in wanted]
     missing = wanted - {c["values"] for c in counts}

@@ -295,6 +295,32 @@ def test_output_files_are_named_by_model_version_and_images(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == [".part-v2-0123.parquet.99.tmp"]
 
 
+def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(tmp_path):
+    v1, v2 = "0123456789abcdef", "fedcba9876543210"
+
+    def write(run_date: str, version: str, names: list[str], name: str = ""):
+        table = pa.table({"source_uri": [f"s3://p/{n}.jpg" for n in names], "checkpoint": [version] * len(names),
+                          "error": [None] * len(names)})
+        if name:
+            pq.write_table(table, tmp_path / f"run_date={run_date}" / name)
+        else:
+            score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)
+
+    write("2026-11-21", v1, ["a", "b", "c"])
+    write("2026-11-22", v1, ["d"])
+    write("2026-11-21", v2, ["a", "b"])
+    write("2026-11-22", v1, ["e"], name="part-0.parquet")                  # not named by ParquetSink: read
+    write("2026-11-22", v1, ["x"], name=f"part-{v2}-0123456789abcdef.parquet")  # named for v2: not opened
+
+    def done(**kw) -> list[str]:
+        return sorted(score.done_uris(str(tmp_path), v1, None, **kw).column("source_uri").to_pylist())
+
+    assert done() == [f"s3://p/{n}.jpg" for n in "abcde"]
+    assert done(uris=["s3://p/a.jpg", "s3://p/d.jpg", "s3://p/z.jpg", "s3://p/a.jpg"]) == ["s3://p/a.jpg", "s3://p/d.jpg"]
+    assert done(uris=[]) == []
+    assert sorted(score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/b.jpg"]
+
+
 def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, ckpts):
     files = put_inputs(sheets, str(tmp_path / "in"), n=6)
     # A multi-label gate whose per-class threshold lets only the sheet it scores highest pass, so
