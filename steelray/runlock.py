@@ -4,7 +4,8 @@ Two jobs scoring the same inputs with the same model into the same output (a sch
 while the first attempt still runs on the cluster, a manual rerun beside the nightly one) would
 each write every image: duplicate rows that a rerun cannot take back. A job therefore holds a small
 JSON file, ``<output>/_running/<checkpoint digest>.json`` (readers skip ``_`` folders), created
-exclusively (``O_EXCL`` locally, ``If-None-Match`` on S3) and rewritten every ``beat`` seconds
+exclusively (``O_EXCL`` locally; on S3 looked for first, then written with ``If-None-Match``, and
+read back after a moment, which covers stores that ignore that header) and rewritten every ``beat`` seconds
 while the job runs. A job that finds it refuses to start, naming the holder, unless the holder is
 gone: its process has died on this host, or it has not written for ``ttl`` seconds (a job killed
 on another node). Why our own: Ray has no lock service for jobs, and the output may be a plain
@@ -100,6 +101,10 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
+            # On S3, look first: a store that ignores If-None-Match (AWS S3 before 2024-08, some
+            # S3-compatible ones) would let the write below replace a running job's lock.
+            if storage.is_s3(self.uri) and self._read() is not None:
+                raise FileExistsError(self.uri)
             self._write(exclusive=True)
             taken_over = None
         except FileExistsError:

@@ -129,7 +129,9 @@ def ray_local(tmp_path_factory):
 class FlakyS3:
     """An HTTP proxy in front of moto that answers 503 (ServiceUnavailable) to the first ``fail[key]``
     requests naming an object key, then passes them on: real transient S3 failures for real clients,
-    nothing patched. ``seen[key]`` counts every request that named the key."""
+    nothing patched. ``seen[key]`` counts every request that named the key. ``conditional`` plays
+    an S3-compatible store without conditional writes: "ignore" drops a PUT's ``If-None-Match``
+    (as AWS S3 did before 2024-08), "refuse" answers it 501 NotImplemented."""
 
     def __init__(self, upstream: str):
         import http.client
@@ -139,6 +141,7 @@ class FlakyS3:
 
         self.fail: dict[str, int] = {}
         self.seen: dict[str, int] = {}
+        self.conditional = "pass"
         lock = threading.Lock()
         host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
         proxy = self
@@ -170,17 +173,23 @@ class FlakyS3:
                     failing = proxy.fail.get(key, 0) > 0
                     if failing:
                         proxy.fail[key] -= 1
-                if failing:
-                    err = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                conditional = self.command == "PUT" and "If-None-Match" in self.headers
+                if conditional and proxy.conditional == "refuse":
+                    code, status = b"NotImplemented", 501
+                elif failing:
+                    code, status = b"ServiceUnavailable", 503
+                if failing or (conditional and proxy.conditional == "refuse"):
+                    err = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code + b"</Code>"
                            b"<Message>injected by the test proxy</Message></Error>")
-                    self.send_response(503)
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(err)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(err)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                dropped = {"transfer-encoding"} | ({"if-none-match"} if proxy.conditional == "ignore" else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(host, port, timeout=60)
                 conn.request(self.command, self.path, body=body, headers=headers)

@@ -80,3 +80,22 @@ def test_an_output_the_job_cannot_write_is_a_clear_error(tmp_path):
     (tmp_path / "out").write_text("a file where the output folder should be")
     with pytest.raises(LockError, match=r"out/_running/abc.json: could not create the run lock: "):
         RunLock(str(tmp_path / "out"), "abc").acquire()
+
+
+@pytest.mark.parametrize("store", ["ignore", "refuse"])
+def test_an_s3_store_without_conditional_writes(store, flaky_s3, bucket):
+    """An S3-compatible store that ignores If-None-Match still refuses a second job (the lock is
+    looked for before it is written); one that refuses it is a clear error with the way out."""
+    from steelray.config import S3Config
+    from steelray.runlock import LockError
+
+    flaky_s3.conditional = store
+    via = S3Config(endpoint_url=flaky_s3.endpoint)
+    if store == "refuse":
+        with pytest.raises(LockError, match=r"_running/abc.json: could not create the run lock: OSError: "
+                                            r".*set score.lock_ttl=0 and run one job at a time"):
+            RunLock(bucket, "abc", via, settle=0.05).acquire()
+        return
+    with RunLock(bucket, "abc", via, settle=0.05):
+        with pytest.raises(LockHeld, match="another scoring job with this model is writing this output"):
+            RunLock(bucket, "abc", via, settle=0.05).acquire()
