@@ -231,6 +231,9 @@ def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
         out.append((image_id, uri))
     if len(out) < len(pairs):
         log.warning("%s: %d duplicate input(s) listed more than once, scored once", src, len(pairs) - len(out))
+    if not out:  # a night without sheets, or the wrong prefix: the job succeeds, saying so
+        log.warning("%s: no images to score (%s)", src, f"no files ending in {', '.join(sc.suffixes)}"
+                    if storage.isdir(src, s3) else "the manifest lists none")
     return out
 
 
@@ -1054,7 +1057,7 @@ def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skip
     errors = [e for e in err if e is not None]
     gate_skipped = 0
     if plan.cascade:
-        flagged = new.column("flagged").to_pylist()
+        flagged = new.column("flagged").to_pylist() if new.num_rows else []
         gate_skipped = sum(1 for f, e in zip(flagged, err) if e is None and f is False)
     return Summary(inputs=len(inputs), skipped=skipped, scored=len(err) - len(errors), errored=len(errors),
                    gate_skipped=gate_skipped, seconds=seconds, output=partition, model=plan.model_name,

@@ -762,3 +762,12 @@ def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets,
         probs = [c for c in tasks.columns if c.startswith("prob_")]
         print(ckpt, "max |prob difference| nvJPEG vs CPU decode:",
               np.abs(actor[good][probs].to_numpy(float) - tasks[good][probs].to_numpy(float)).max())
+
+
+def test_an_empty_night_is_a_warning_and_an_empty_summary(tmp_path, ckpts, caplog):
+    (tmp_path / "in").mkdir()
+    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+        summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['multilabel']}",
+                                f"score.segmenter={ckpts['segmenter']}", f"score.output={tmp_path / 'out'}"))
+    assert (summary.inputs, summary.scored, summary.errored, summary.gate_skipped) == (0, 0, 0, 0)
+    assert f"{tmp_path / 'in'}: no images to score" in caplog.text
