@@ -271,17 +271,29 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
 
 # --- images -----------------------------------------------------------------------------------
 
+# PIL modes of more than 8 bits per pixel (16-bit PNG/TIFF from line-scan cameras, 32-bit, float):
+# PIL's conversion to 8-bit clips them (a 12-bit sheet comes out almost all white), so they are refused.
+_DEEP_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "32-bit float"}
+
+
 @contextlib.contextmanager
 def _opened(data: bytes, name: str):
-    """The PIL image of ``data``; what PIL cannot read, and a JPEG whose structure is broken, become a
-    DataError naming ``name``."""
+    """The PIL image of ``data``; what PIL cannot read, a JPEG whose structure is broken, and an image
+    of more than 8 bits per pixel become a DataError naming ``name``."""
     if not data:
         raise DataError(f"{name}: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG" and (problem := jpeg_structure_error(data)):
                 raise OSError(f"corrupt JPEG data: {problem}")
+            if im.mode in _DEEP_MODES:
+                raise DataError(f"{name}: {_DEEP_MODES[im.mode]} greyscale {im.format} (mode {im.mode}): the "
+                                "models take 8-bit images and converting here would clip it; scale it to "
+                                "8 bits (0-255) first")
             yield im
+    except DataError:
+        raise
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
     except Image.DecompressionBombError as e:  # a corrupt header can claim billions of pixels

@@ -1,3 +1,4 @@
+import io
 import logging
 import shutil
 from collections import Counter
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import s3fs
+from PIL import Image
 
 from steelray import data, rle, synth
 from steelray.config import DataConfig
@@ -82,6 +84,12 @@ def test_severstal_bad_csv_names_the_row_and_problem(sheets, tmp_path, edit, say
         data.build_manifest(severstal_cfg(root))
 
 
+def _png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
 def _replace_first_rle(csv: str, new: str) -> str:
     lines = csv.splitlines()
     image, cls, _ = lines[1].split(",")
@@ -94,6 +102,8 @@ def _replace_first_rle(csv: str, new: str) -> str:
     (lambda b: b"", r"empty file \(0 bytes\)"),
     (lambda b: b"this is not a jpeg at all" * 10, "not an image"),
     (lambda b: synth.jpeg_bytes(np.zeros((256, 800), np.uint8)), r"size 800x256, expected 1600x256"),
+    (lambda b: _png(np.full((256, 1600), 3000, np.uint16)), r"16-bit greyscale PNG \(mode I;16\): the models "
+                                                             "take 8-bit images"),
 ])
 def test_severstal_bad_images_fail_naming_the_file(sheets, tmp_path, damage, says):
     root = copy_sheets(sheets, tmp_path)

@@ -503,7 +503,10 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
     first = files[sorted(files)[0]]
     sof = first.index(b"\xff\xc0")
     files["bits12.jpg"] = first[:sof + 4] + b"\x0c" + first[sof + 5:]  # 12-bit: fails the batched call
-    for name in ("png.png", "corrupt.jpg", "bits12.jpg"):
+    deep = io.BytesIO()
+    Image.fromarray(np.full((256, 1600), 3000, np.uint16)).save(deep, format="PNG")  # a 16-bit camera's
+    files["deep16.png"] = deep.getvalue()
+    for name in ("png.png", "corrupt.jpg", "bits12.jpg", "deep16.png"):
         (tmp_path / "in" / name).write_bytes(files[name])
     uris = [str(tmp_path / "in" / name) for name in sorted(files)]
     big = make_checkpoint(tmp_path / "big", "multilabel", "resnet10t", size=(128, 640))
@@ -513,10 +516,11 @@ def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets,
         plan = score.make_plan(job(*overrides).score, None)
         tasks, actor = scored_both_ways(plan, uris, past_the_probe="bits12.jpg")
         assert list(actor.error.fillna("")) == list(tasks.error.fillna("")), overrides
-        assert actor.error.notna().sum() == 6 and "png.png" in set(actor[actor.error.isna()].image_id)
+        assert actor.error.notna().sum() == 7 and "png.png" in set(actor[actor.error.isna()].image_id)
         errors = actor.set_index("image_id").error
         assert "corrupt.jpg: unreadable or truncated image (corrupt JPEG data" in errors["corrupt.jpg"]
         assert "bits12.jpg: not an image" in errors["bits12.jpg"]  # named by the CPU decoder after the batch failed
+        assert "deep16.png: 16-bit greyscale PNG (mode I;16): the models take 8-bit images" in errors["deep16.png"]
         good = tasks.error.isna()
         probs = [c for c in tasks.columns if "prob_" in c]
         # same decoded pixels; resized alike at 1600/320 (5x), within a grey level at 1600/640 (2.5x)
