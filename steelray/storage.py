@@ -116,4 +116,6 @@ def list_files(prefix: str, s3: S3Config | None = None, suffixes: tuple[str, ...
         raise FileNotFoundError(f"{prefix}: no such folder or prefix")
     paths = fs.find(path, maxdepth=None if recursive else 1)
     suffixes = tuple(s.lower() for s in suffixes)
-    return sorted(_uri(fs, p) for p in paths if not suffixes or p.lower().endswith(suffixes))
+    # Keys ending in "/" are S3 "folder" markers (the console's "Create folder", many upload tools),
+    # empty objects that s3fs lists as files: not inputs.
+    return sorted(_uri(fs, p) for p in paths if not p.endswith("/") and (not suffixes or p.lower().endswith(suffixes)))

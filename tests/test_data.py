@@ -10,7 +10,7 @@ import pytest
 import s3fs
 from PIL import Image
 
-from steelray import data, rle, synth
+from steelray import data, rle, storage, synth
 from steelray.config import DataConfig
 from steelray.data import DataError
 
@@ -264,6 +264,18 @@ def test_bad_image_on_s3_is_named(bucket, sheets):
     fs.pipe(victim, fs.cat(victim)[:300])
     with pytest.raises(DataError, match=f"s3://{victim}: unreadable or truncated"):
         data.build_manifest(severstal_cfg(f"{bucket}/sev"))
+
+
+def test_s3_folder_markers_are_not_listed_as_files(bucket):
+    import boto3
+
+    client = boto3.client("s3")
+    name = bucket[len("s3://"):]
+    for key in ["in/", "in/a.jpg", "in/sub/", "in/sub/b.JPG", "in/empty/"]:  # markers: empty keys ending in /
+        client.put_object(Bucket=name, Key=key, Body=b"" if key.endswith("/") else b"x")
+    for prefix in (f"{bucket}/in", f"{bucket}/in/"):
+        assert storage.list_files(prefix) == [f"{bucket}/in/a.jpg", f"{bucket}/in/sub/b.JPG"]
+    assert storage.list_files(f"{bucket}/in", suffixes=(".jpg",)) == [f"{bucket}/in/a.jpg", f"{bucket}/in/sub/b.JPG"]
 
 
 def test_s3_endpoint_and_keys_from_config_not_only_env(bucket, s3_endpoint, monkeypatch, sheets):
