@@ -6,11 +6,11 @@
         --segmenter runs/seg/epoch-0030 --output predictions/ score.batch_size=32
     ray job submit --working-dir . -- python jobs/score.py --input ... --checkpoint ... --output ...
 
---input is a folder/prefix (every file under it is an input) or a manifest file (.txt: one path or URI
-per line; .csv: a uri/path/image column), relative paths resolved next to the manifest. Every input
-becomes exactly one row: a prediction, or an error saying what is wrong with that file. Re-running
-skips what the output already holds for the same checkpoint. Settings: `score.*` and `s3.*` keys,
-from --config YAML and/or key=value overrides (see steelray/config.py, ScoreConfig).
+--input is a folder/prefix (every file under it is an input), a manifest file (.txt: one path or URI
+per line; .csv: a uri/path/image column; relative paths resolved next to the manifest), or one
+image. Every input becomes exactly one row: a prediction, or an error saying what is wrong with that
+file. Re-running skips what the output already holds for the same checkpoint. Settings: `score.*`
+and `s3.*` keys, from --config YAML and/or key=value overrides (see steelray/config.py, ScoreConfig).
 
 Exit status: 0 done, 1 the output failed verification, 2 bad arguments or checkpoint, 3 another job
 with the same model is writing the output (it names that job; nothing was scored).
@@ -30,7 +30,7 @@ from steelray import config  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="folder or s3:// prefix of images, or a manifest file (.txt/.csv)")
+    p.add_argument("--input", help="folder or s3:// prefix of images, a manifest file (.txt/.csv), or one image")
     p.add_argument("--checkpoint", help="classifier or segmenter checkpoint folder (local or s3://)")
     p.add_argument("--segmenter", help="segmenter checkpoint: cascade behind the --checkpoint classifier")
     p.add_argument("--output", help="Parquet dataset root (local or s3://), partitioned by run_date")

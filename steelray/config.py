@@ -147,7 +147,7 @@ SPACE_SECTIONS = ("model", "input", "train")  # data and ray stay fixed: every t
 class ScoreConfig:
     """The nightly scoring job (``jobs/score.py``): what to score, with which checkpoint(s), where to."""
 
-    input: str = ""                # folder / s3:// prefix of images, or a manifest file (.txt, .csv) of URIs
+    input: str = ""                # folder / s3:// prefix of images, a manifest file (.txt, .csv) of URIs, or one image
     checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://)
     segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
     output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date

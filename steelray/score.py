@@ -220,8 +220,14 @@ def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
         root = (src.rstrip("/") + "/" if storage.is_s3(src)   # list_files gives absolute local paths
                 else os.path.abspath(os.path.expanduser(src)) + os.sep)
         pairs = [(u[len(root):] if u.startswith(root) else u.rsplit("/", 1)[-1], u) for u in uris]
-    else:
+    elif src.lower().endswith((".txt", ".csv")):
         pairs = [(u.rsplit("/", 1)[-1], u) for u in _read_manifest(src, s3)]
+    else:  # one image: trying a model on a sheet, or rescoring one
+        fs, path = storage.filesystem(src, s3)
+        if not fs.isfile(path):
+            raise ScoreError(f"score.input {src}: no such folder, prefix, manifest (.txt, .csv) or image file")
+        uri = src if storage.is_s3(src) else path
+        pairs = [(uri.rsplit("/", 1)[-1], uri)]
     seen: set[str] = set()
     out = []
     for image_id, uri in pairs:
@@ -243,6 +249,8 @@ def _read_manifest(uri: str, s3: S3Config | None) -> list[str]:
         text = storage.read_text(uri, s3)
     except FileNotFoundError:
         raise ScoreError(f"score.input {uri}: no such folder, prefix or manifest file") from None
+    except UnicodeDecodeError as e:
+        raise ScoreError(f"score.input {uri}: a manifest must be UTF-8 text; byte {e.start} is not") from None
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
     if uri.lower().endswith(".csv"):
         import csv

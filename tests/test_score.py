@@ -372,6 +372,19 @@ def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, t
     assert "missing.jpg" in missing and "not found" in missing
 
 
+def test_one_image_as_the_input_and_inputs_that_are_none_of_the_kinds(tmp_path, bucket):
+    (tmp_path / "sheet.jpg").write_bytes(b"\xff\xd8 a sheet")
+    storage.write_bytes(f"{bucket}/in/sheet 2.jpg", b"\xff\xd8 another")
+    inputs = lambda src: score.list_inputs(job(f"score.input={src}").score, None)  # noqa: E731
+    assert inputs(tmp_path / "sheet.jpg") == [("sheet.jpg", str(tmp_path / "sheet.jpg"))]
+    assert inputs(f"{bucket}/in/sheet 2.jpg") == [("sheet 2.jpg", f"{bucket}/in/sheet 2.jpg")]
+    with pytest.raises(score.ScoreError, match=r"nope.jpg: no such folder, prefix, manifest \(.txt, .csv\) or image"):
+        inputs(tmp_path / "nope.jpg")
+    (tmp_path / "list.txt").write_bytes(b"\xff\xd8 a JPEG named list.txt")
+    with pytest.raises(score.ScoreError, match="list.txt: a manifest must be UTF-8 text; byte 0 is not"):
+        inputs(tmp_path / "list.txt")
+
+
 def test_bad_arguments_exit_2_with_the_reason(tmp_path, capsys, load_job):
     run = subprocess.run([sys.executable, "jobs/score.py", "--input", str(tmp_path), "--checkpoint",
                           str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
