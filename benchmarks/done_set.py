@@ -11,7 +11,8 @@ versions each scoring every night, files of ``--rows-per-file`` rows as ``Parque
 and times, each in a fresh process (peak memory is the process's), a job whose inputs are tonight's
 new sheets and one whose inputs are all scored already (a rerun), two ways:
 
-- ``before``: how the job read until 2026-11-23: every row of its version, all held, a Python set;
+- ``before``: how the job read until 2026-11-23 (``before()`` below): every file opened, every row
+  of its version held, a Python set;
 - ``now``: ``score.done_uris(..., uris=inputs)``: files named for other versions are not opened, and
   rows are matched to the inputs while they are read.
 
@@ -90,6 +91,16 @@ def build(root: str, nights: int, per_night: int, per_file: int, versions: int) 
     return files
 
 
+def before(root: str, version: str) -> pa.Table:
+    """``score.done_uris`` as it was until 2026-11-23 (commit ff8d96b)."""
+    import pyarrow.compute as pc
+
+    from steelray import score
+
+    dataset = score._open_dataset(root, None)
+    return dataset.to_table(columns=["source_uri", "error"], filter=pc.field("checkpoint") == version)
+
+
 def measure(root: str, method: str, night: int, per_night: int) -> dict:
     """One job's two reads (what is done; the check after writing), in this process."""
     import resource
@@ -103,14 +114,14 @@ def measure(root: str, method: str, night: int, per_night: int) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if method == "before":
-        done = set(score.done_uris(root, digest(0), None).column("source_uri").to_pylist())
+        done = set(before(root, digest(0)).column("source_uri").to_pylist())
     else:
         done = set(score.done_uris(root, digest(0), None, uris=inputs).column("source_uri").to_pylist())
     todo = [u for u in inputs if u not in done]
     t1 = time.perf_counter()
     wanted = set(inputs)
     if method == "before":
-        rows = score.done_uris(root, digest(0), None)
+        rows = before(root, digest(0))
     else:
         rows = score.done_uris(root, digest(0), None, uris=inputs)
     counts = pc.value_counts(rows.column("source_uri")).to_pylist() if rows.num_rows else []
