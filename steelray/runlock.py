@@ -5,10 +5,10 @@ while the first attempt still runs on the cluster, a manual rerun beside the nig
 each write every image: duplicate rows that a rerun cannot take back. A job therefore holds a small
 JSON file, ``<output>/_running/<checkpoint digest>.json`` (readers skip ``_`` folders), created
 exclusively (``O_EXCL`` locally; on S3 looked for first, then written with ``If-None-Match``, and
-read back after a moment, which covers stores that ignore that header) and rewritten every ``beat`` seconds
-while the job runs. A job that finds it refuses to start, naming the holder, unless the holder is
-gone: its process has died on this host, or it has not written for ``ttl`` seconds (a job killed
-on another node). Why our own: Ray has no lock service for jobs, and the output may be a plain
+read back after a moment, which covers stores that ignore that header) and rewritten every
+``beat`` seconds while the job runs. A job that finds it refuses to start, naming the holder,
+unless the holder is gone: its process has died on this host, or it has not written for ``ttl``
+seconds (a job killed on another node). Why our own: Ray has no lock service for jobs, and the output may be a plain
 S3 prefix with nothing else beside it.
 """
 

@@ -215,7 +215,8 @@ def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
     src = sc.input
     if not src:
         raise ScoreError("score.input: required (a folder/prefix of images or a manifest file)")
-    if storage.isdir(src, s3):
+    folder = storage.isdir(src, s3)
+    if folder:
         uris = storage.list_files(src, s3, tuple(sc.suffixes))
         root = (src.rstrip("/") + "/" if storage.is_s3(src)   # list_files gives absolute local paths
                 else os.path.abspath(os.path.expanduser(src)) + os.sep)
@@ -239,7 +240,7 @@ def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
         log.warning("%s: %d duplicate input(s) listed more than once, scored once", src, len(pairs) - len(out))
     if not out:  # a night without sheets, or the wrong prefix: the job succeeds, saying so
         log.warning("%s: no images to score (%s)", src, f"no files ending in {', '.join(sc.suffixes)}"
-                    if storage.isdir(src, s3) else "the manifest lists none")
+                    if folder else "the manifest lists none")
     return out
 
 
@@ -285,7 +286,7 @@ def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema |
     empty = pa.table({"source_uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})
     if dataset is not None and schema is not None:
         _same_family(output, dataset.schema, schema)
-    if dataset is None or "checkpoint" not in dataset.schema.names:
+    if dataset is None or "checkpoint" not in dataset.schema.names or uris == []:
         return empty
     ours = [f for f in dataset.files if _may_hold(f, digest)]
     if not ours:
@@ -297,8 +298,6 @@ def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema |
     columns = [c for c in ("source_uri", "error", "flagged") if c in dataset.schema.names]
     filt = pc.field("checkpoint") == digest
     if uris is not None:
-        if not uris:
-            return empty
         wanted = pa.array(sorted(set(uris)), pa.string())
         # The range is implied by the set; unlike the set, Parquet's per-column min/max lets the
         # reader skip whole files of other nights unread.
