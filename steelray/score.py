@@ -223,12 +223,16 @@ def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:
         pairs = [(u[len(root):] if u.startswith(root) else u.rsplit("/", 1)[-1], u) for u in uris]
     elif src.lower().endswith((".txt", ".csv")):
         pairs = [(u.rsplit("/", 1)[-1], u) for u in _read_manifest(src, s3)]
-    else:  # one image: trying a model on a sheet, or rescoring one
+    else:  # a manifest by another name (text), or one image: trying a model on a sheet, rescoring one
         fs, path = storage.filesystem(src, s3)
         if not fs.isfile(path):
             raise ScoreError(f"score.input {src}: no such folder, prefix, manifest (.txt, .csv) or image file")
-        uri = src if storage.is_s3(src) else path
-        pairs = [(uri.rsplit("/", 1)[-1], uri)]
+        try:
+            storage.read_bytes(src, s3).decode("utf-8-sig")
+            pairs = [(u.rsplit("/", 1)[-1], u) for u in _read_manifest(src, s3)]
+        except UnicodeDecodeError:  # image formats are binary
+            uri = src if storage.is_s3(src) else path
+            pairs = [(uri.rsplit("/", 1)[-1], uri)]
     seen: set[str] = set()
     out = []
     for image_id, uri in pairs:

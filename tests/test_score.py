@@ -380,6 +380,8 @@ def test_one_image_as_the_input_and_inputs_that_are_none_of_the_kinds(tmp_path, 
     assert inputs(f"{bucket}/in/sheet 2.jpg") == [("sheet 2.jpg", f"{bucket}/in/sheet 2.jpg")]
     with pytest.raises(score.ScoreError, match=r"nope.jpg: no such folder, prefix, manifest \(.txt, .csv\) or image"):
         inputs(tmp_path / "nope.jpg")
+    (tmp_path / "tonight.lst").write_text("sheet.jpg\n")  # a manifest by another name: still one
+    assert inputs(tmp_path / "tonight.lst") == [("sheet.jpg", str(tmp_path / "sheet.jpg"))]
     (tmp_path / "list.txt").write_bytes(b"\xff\xd8 a JPEG named list.txt")
     with pytest.raises(score.ScoreError, match="list.txt: a manifest must be UTF-8 text; byte 0 is not"):
         inputs(tmp_path / "list.txt")
