@@ -9,8 +9,10 @@
 --input is a folder/prefix (every file under it is an input), a manifest file (.txt: one path or URI
 per line; .csv: a uri/path/image column; relative paths resolved next to the manifest), or one
 image. Every input becomes exactly one row: a prediction, or an error saying what is wrong with that
-file. Re-running skips what the output already holds for the same checkpoint. Settings: `score.*`
-and `s3.*` keys, from --config YAML and/or key=value overrides (see steelray/config.py, ScoreConfig).
+file. Re-running skips what the output already holds for the same checkpoint, error rows included;
+with --retry-errors (after an S3 outage, say) those inputs are scored again and their error rows
+replaced. Settings: `score.*` and `s3.*` keys, from --config YAML and/or key=value overrides (see
+steelray/config.py, ScoreConfig).
 
 Exit status: 0 done, 1 the output failed verification, 2 bad arguments or checkpoint, 3 another job
 with the same model is writing the output (it names that job; nothing was scored).
@@ -34,12 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="classifier or segmenter checkpoint folder (local or s3://)")
     p.add_argument("--segmenter", help="segmenter checkpoint: cascade behind the --checkpoint classifier")
     p.add_argument("--output", help="Parquet dataset root (local or s3://), partitioned by run_date")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="score again the inputs whose row is an error (after an S3 outage, say); "
+                        "their error rows are replaced (score.retry_errors=true)")
     p.add_argument("--config", help="YAML with score: and s3: sections")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. score.batch_size=32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = [f"score.{k}={v}" for k in ("input", "checkpoint", "segmenter", "output")
-             if (v := getattr(args, k))]
+             if (v := getattr(args, k))] + ["score.retry_errors=true"] * args.retry_errors
     from steelray import score
 
     try:

@@ -188,6 +188,8 @@ class ScoreConfig:
     read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
     rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)
     retries: int = _f(5, min=0)          # S3 attempts beyond the first, with exponential backoff
+    retry_errors: bool = False     # score again the inputs whose row for this checkpoint is an error
+                                   # (an S3 outage, a file fixed in place); the error row is replaced
     lock_ttl: int = _f(300, min=0)       # seconds: one job per output and model version at a time;
                                    # another job's lock counts as abandoned when its process has ended
                                    # (same host) or it has not renewed it for this long; 0: no lock

@@ -12,11 +12,12 @@ checkpoint load each, GPU or CPU) normalises, predicts and builds the output row
 writes each group of rows as one file, atomically.
 
 Nothing lost, nothing twice: every input becomes one row, a prediction or an ``error``; a rerun skips
-the images already in the output for the same checkpoint digest; a file appears under its final name
-only once it is complete (local: written hidden, then renamed; S3: one PUT), so a killed job leaves
-nothing half-written for readers, and its rerun scores exactly what is missing. After the write the
-driver re-reads the output and fails if any input is missing or duplicated. One job at a time per
-output and model version (``runlock``): a second one would score every image again.
+the images already in the output for the same checkpoint digest (with ``score.retry_errors``, those
+with an error row are removed from it and scored again: ``drop_rows``); a file appears under its
+final name only once it is complete (local: written hidden, then renamed; S3: one PUT), so a killed
+job leaves nothing half-written for readers, and its rerun scores exactly what is missing. After the
+write the driver re-reads the output and fails if any input is missing or duplicated. One job at a
+time per output and model version (``runlock``): a second one would score every image again.
 
 Output: ``<output>/run_date=YYYY-MM-DD/part-<checkpoint>-<hash>.parquet``, columns in README.md
 ("Output schema").
@@ -276,11 +277,12 @@ def _read_manifest(uri: str, s3: S3Config | None) -> list[str]:
 
 
 def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema | None = None,
-              uris: list[str] | None = None) -> pa.Table:
+              uris: list[str] | None = None, files: bool = False) -> pa.Table:
     """``source_uri``, ``error`` and ``flagged`` (when present) of the rows already in ``output``
     for this checkpoint digest: of every such row, or (``uris``) of those rows whose image is one of
-    ``uris``. Hidden files (``.``/``_``: unfinished writes) are ignored. With ``schema`` (what this
-    job writes), the output must hold files of the same columns.
+    ``uris``; with ``files``, also ``__filename``, the file holding the row. Hidden files
+    (``.``/``_``: unfinished writes) are ignored. With ``schema`` (what this job writes), the output
+    must hold files of the same columns.
 
     Files another model version wrote (by their name) are not opened. With ``uris``, the rows are
     matched while they are read, so what is held is bounded by the inputs, not by the output's age
@@ -300,6 +302,7 @@ def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema |
         dataset = pds.dataset(ours, schema=dataset.schema, filesystem=fs, format="parquet",
                               partitioning=_PARTITIONING, partition_base_dir=base.rstrip("/"))
     columns = [c for c in ("source_uri", "error", "flagged") if c in dataset.schema.names]
+    columns += ["__filename"] * files
     filt = pc.field("checkpoint") == digest
     if uris is not None:
         wanted = pa.array(sorted(set(uris)), pa.string())
@@ -335,8 +338,8 @@ def _same_family(output: str, there: pa.Schema, ours: pa.Schema) -> None:
 
 def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
     fs, path = storage.filesystem(output, s3)
-    fs.invalidate_cache(path)
-    if not fs.isdir(path):
+    fs.invalidate_cache()  # all of it: s3fs drops only the path and its parents, and a file below may
+    if not fs.isdir(path):  # have been rewritten since (drop_rows), its cached ETag then refused on read
         return None
     try:
         dataset = pds.dataset(path, filesystem=fs, format="parquet", partitioning=_PARTITIONING)
@@ -832,6 +835,7 @@ class Summary:
     model: str
     checkpoint: str
     errors: list[str] = field(default_factory=list)  # the first few error messages
+    retried: int = 0              # error rows removed to score their inputs again (score.retry_errors)
 
     @property
     def images_per_s(self) -> float:
@@ -840,7 +844,8 @@ class Summary:
 
     def lines(self) -> list[str]:
         out = [f"inputs {self.inputs}: scored {self.scored}, errors {self.errored}, "
-               f"skipped (already scored) {self.skipped}",
+               f"skipped (already scored) {self.skipped}"
+               + (f"; {self.retried} input(s) with an error row scored again" if self.retried else ""),
                f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s with {self.model} "
                f"(checkpoint {self.checkpoint})"]
         if self.gate_skipped:
@@ -896,12 +901,21 @@ def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[
     """``run`` once this job holds the output for its model version."""
     import ray
 
-    before = done_uris(sc.output, plan.digest, s3, plan.schema(), uris=[u for _, u in inputs])
+    before = done_uris(sc.output, plan.digest, s3, plan.schema(), uris=[u for _, u in inputs],
+                       files=sc.retry_errors)
+    retried = 0
+    if sc.retry_errors:
+        failed = before.filter(pc.is_valid(before.column("error")))
+        before = before.filter(pc.is_null(before.column("error")))
+        # Removed before they are scored again: a job killed in between leaves these inputs missing,
+        # which its rerun scores like any other, never an input with two rows.
+        retried = drop_rows(sc.output, plan.digest, s3, failed, sc.retries) if failed.num_rows else 0
     done = set(before.column("source_uri").to_pylist())
     todo = [(i, u) for i, u in inputs if u not in done]
     skipped = len(inputs) - len(todo)
     print(f"score: {len(inputs)} input(s), {skipped} already scored by {plan.model_name} "
-          f"({plan.digest}), {len(todo)} to score into {partition}", flush=True)
+          f"({plan.digest}), {len(todo)} to score into {partition}"
+          + (f" ({retried} with an error row, removed to score them again)" if retried else ""), flush=True)
     removed = _remove_stale_temporaries(partition, plan.digest)
     if removed:
         log.warning("%s: removed %d unfinished file(s) left by an interrupted run", partition, removed)
@@ -909,7 +923,39 @@ def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[
         if not ray.is_initialized():
             ray.init(address=sc.address or None)
         _pipeline(plan, sc, s3, todo, partition)
-    return _verify(plan, sc, s3, inputs, todo, skipped, time.monotonic() - start, partition)
+    summary = _verify(plan, sc, s3, inputs, todo, skipped, time.monotonic() - start, partition)
+    summary.retried = retried
+    return summary
+
+
+def drop_rows(output: str, digest: str, s3: S3Config | None, rows: pa.Table, retries: int) -> int:
+    """Remove from ``output`` this checkpoint's error rows of the images in ``rows`` (``source_uri``,
+    ``__filename``: from ``done_uris(files=True)``); returns how many were removed. Each file that
+    holds some is rewritten whole under its own name, as ``write_atomic`` writes (locally a rename, on
+    S3 one PUT: readers see the old file or the new one), or deleted when nothing is left in it."""
+    fs, _ = storage.filesystem(output, s3, retries)
+    by_file: dict[str, set[str]] = {}
+    for uri, path in zip(rows.column("source_uri").to_pylist(), rows.column("__filename").to_pylist()):
+        by_file.setdefault(path, set()).add(uri)
+    removed = 0
+    for path, uris in sorted(by_file.items()):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        drop = pc.and_(pc.and_(pc.equal(table.column("checkpoint"), digest),
+                               pc.is_in(table.column("source_uri"), pa.array(sorted(uris), pa.string()))),
+                       pc.is_valid(table.column("error")))
+        keep = table.filter(pc.invert(pc.fill_null(drop, False)))
+        removed += table.num_rows - keep.num_rows
+        uri = f"s3://{path}" if storage.is_s3(output) else path
+        if not keep.num_rows:
+            fs.rm(path)
+            continue
+        _remove_stale_temporaries(os.path.dirname(path), digest)
+        buf = io.BytesIO()
+        pq.write_table(keep, buf, compression="zstd")
+        write_atomic(uri, buf.getvalue(), s3, retries)
+    log.info("removed %d error row(s) from %d file(s) to score those inputs again", removed, len(by_file))
+    return removed
 
 
 def placement(sc: ScoreConfig, gpus: float) -> tuple[str, int]:

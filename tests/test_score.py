@@ -84,16 +84,21 @@ def put_inputs(sheets, dest: str, n: int = 5) -> dict[str, bytes]:
     return files
 
 
+def s3_settings() -> list[str]:
+    """The test's S3 as overrides: they travel in the config (Ray workers do not share the test's environment)."""
+    return [f"s3.{k}={os.environ[v]}" for k, v in [("endpoint_url", "AWS_ENDPOINT_URL"), ("region", "AWS_REGION"),
+            ("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY")] if v in os.environ]
+
+
 def job(*overrides) -> config.ScoreJob:
-    """A scoring config; S3 settings travel in it (the Ray workers do not share the test's environment)."""
-    s3 = [f"s3.{k}={os.environ[v]}" for k, v in [("endpoint_url", "AWS_ENDPOINT_URL"), ("region", "AWS_REGION"),
-          ("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY")] if v in os.environ]
+    """A scoring config for the tests' small images and models."""
     return config.load(None, ["score.run_date=2026-11-22", "score.batch_size=4", "score.decode_batch=4",
-                              *s3, *overrides], config.ScoreJob)
+                              *s3_settings(), *overrides], config.ScoreJob)
 
 
 def read(output: str) -> pd.DataFrame:
     fs, path = storage.filesystem(output)
+    fs.invalidate_cache()  # a file rewritten in place (--retry-errors) has another ETag than s3fs cached
     return pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
 
 
@@ -147,21 +152,23 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
     assert runs[2]["output"] == f"{out}/run_date=2026-11-23" and runs[2]["checkpoint"] == late.checkpoint
 
 
-def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(ray_local, bucket, sheets,
-                                                                                 ckpts, flaky_s3, tmp_path):
+def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(
+        ray_local, bucket, sheets, ckpts, flaky_s3, load_job, capsys):
     """Inputs read through a proxy that answers 503: twice for one sheet (retried, then scored),
-    always for another (an error row naming it, after exactly 1 + score.retries attempts)."""
+    always for another (an error row naming it, after exactly 1 + score.retries attempts), until
+    a rerun with --retry-errors."""
     names = sorted(os.listdir(sheets.images))[:3]
     files = {n: storage.read_bytes(os.path.join(sheets.images, n)) for n in names}
     for n, blob in files.items():
         storage.write_bytes(f"{bucket}/incoming/{n}", blob)
     prefix = "incoming/"  # keys as the proxy sees them (bucket in the path, not the key)
     flaky_s3.fail.update({prefix + names[1]: 2, prefix + names[2]: 10**6})
+    out = f"{bucket}/out"  # through the proxy too: the retried sheet's error row is rewritten on S3
     summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
-                            f"score.output={tmp_path / 'out'}", "score.retries=3",
+                            f"score.output={out}", "score.retries=3",
                             f"s3.endpoint_url={flaky_s3.endpoint}"))
     assert (summary.scored, summary.errored) == (2, 1), flaky_s3.seen
-    df = read(str(tmp_path / "out")).set_index("image_id")
+    df = read(out).set_index("image_id")
     assert pd.isna(df.loc[names[1], "error"])
     np.testing.assert_allclose(df.loc[names[1], [f"prob_{c}" for c in CLASSES]].to_numpy(float),
                                direct(ckpts["multilabel"], files[names[1]]).numpy(), atol=1e-4)
@@ -169,6 +176,22 @@ def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(
     assert f"{bucket}/incoming/{names[2]}: read failed after 3 retries" in error and "Service Unavailable" in error, error
     assert flaky_s3.seen[prefix + names[2]] == 4, flaky_s3.seen  # the first try and 3 retries
     assert flaky_s3.seen[prefix + names[1]] >= 3
+
+    # S3 is well again. A rerun counts the error row as done; with --retry-errors the sheet is read
+    # again, scored, and its error row gives way to the prediction: still one row per sheet.
+    flaky_s3.fail.clear()
+    argv = [f"--input={bucket}/incoming/", f"--checkpoint={ckpts['multilabel']}", f"--output={out}",
+            *s3_settings(), f"s3.endpoint_url={flaky_s3.endpoint}", "score.run_date=2026-11-23",
+            "score.batch_size=4", "score.decode_batch=4"]
+    assert load_job("score").main(argv) == 0
+    assert "skipped (already scored) 3" in capsys.readouterr().out
+    assert load_job("score").main([*argv, "--retry-errors"]) == 0
+    assert "scored 1, errors 0, skipped (already scored) 2; 1 input(s) with an error row scored again" in capsys.readouterr().out
+    df = read(out).set_index("image_id")
+    assert len(df) == 3 and df.error.isna().all() and df.loc[names[2], "run_date"] == "2026-11-23"
+    assert df.loc[names[0], "run_date"] == df.loc[names[1], "run_date"] == "2026-11-22"  # kept in the rewritten file
+    np.testing.assert_allclose(df.loc[names[2], [f"prob_{c}" for c in CLASSES]].to_numpy(float),
+                               direct(ckpts["multilabel"], files[names[2]]).numpy(), atol=1e-4)
 
 
 def plain(column: pd.Series) -> list:
@@ -319,6 +342,32 @@ def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(t
     assert done(uris=["s3://p/a.jpg", "s3://p/d.jpg", "s3://p/z.jpg", "s3://p/a.jpg"]) == ["s3://p/a.jpg", "s3://p/d.jpg"]
     assert done(uris=[]) == []
     assert sorted(score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/b.jpg"]
+
+
+def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_images(tmp_path):
+    v1, v2 = "0123456789abcdef", "fedcba9876543210"
+    sink = lambda run_date: score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0)  # noqa: E731
+    meta = {score.CLASSES_KEY: b'["1","2","3","4"]'}
+    old = pa.table({"source_uri": ["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/c.jpg"], "checkpoint": [v1] * 3,
+                    "error": ["s3://p/a.jpg: read failed", None, "s3://p/c.jpg: truncated"]}).replace_schema_metadata(meta)
+    kept_file = sink("2026-11-21").write([old], None)["files"][0]
+    gone_file = sink("2026-11-22").write([pa.table({"source_uri": ["s3://p/d.jpg"], "checkpoint": [v1],
+                                                    "error": ["s3://p/d.jpg: read failed"]})], None)["files"][0]
+    sink("2026-11-22").write([pa.table({"source_uri": ["s3://p/a.jpg"], "checkpoint": [v2],
+                                        "error": ["s3://p/a.jpg: read failed"]})], None)
+    rows = score.done_uris(str(tmp_path), v1, None, uris=["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/d.jpg"], files=True)
+    failed = rows.filter(pa.compute.is_valid(rows.column("error")))
+    assert sorted(failed.column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/d.jpg"]
+
+    assert score.drop_rows(str(tmp_path), v1, None, failed, retries=0) == 2
+    kept = pq.read_table(tmp_path / "run_date=2026-11-21" / kept_file)     # same name, rewritten whole
+    assert kept.column("source_uri").to_pylist() == ["s3://p/b.jpg", "s3://p/c.jpg"]   # c: not asked for
+    assert kept.schema.metadata[score.CLASSES_KEY] == meta[score.CLASSES_KEY]
+    assert not (tmp_path / "run_date=2026-11-22" / gone_file).exists()     # nothing left in it: deleted
+    assert sorted(score.done_uris(str(tmp_path), v1, None).column("source_uri").to_pylist()) == [
+        "s3://p/b.jpg", "s3://p/c.jpg"]
+    assert score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist() == ["s3://p/a.jpg"]
+    assert not [f for f in os.listdir(tmp_path / "run_date=2026-11-21") if f.startswith(".")]
 
 
 def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, ckpts):
