@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
@@ -345,6 +346,8 @@ def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(t
 
 
 def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_images(tmp_path):
+    """What --retry-errors does before scoring. A job killed right after it leaves those images out of
+    the done set (missing, not twice), so its rerun scores them like new ones."""
     v1, v2 = "0123456789abcdef", "fedcba9876543210"
     sink = lambda run_date: score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0)  # noqa: E731
     meta = {score.CLASSES_KEY: b'["1","2","3","4"]'}
@@ -356,7 +359,7 @@ def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_ima
     sink("2026-11-22").write([pa.table({"source_uri": ["s3://p/a.jpg"], "checkpoint": [v2],
                                         "error": ["s3://p/a.jpg: read failed"]})], None)
     rows = score.done_uris(str(tmp_path), v1, None, uris=["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/d.jpg"], files=True)
-    failed = rows.filter(pa.compute.is_valid(rows.column("error")))
+    failed = rows.filter(pc.is_valid(rows.column("error")))
     assert sorted(failed.column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/d.jpg"]
 
     assert score.drop_rows(str(tmp_path), v1, None, failed, retries=0) == 2
