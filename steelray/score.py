@@ -62,7 +62,8 @@ class ScoreError(RuntimeError):
 
 
 class VerificationError(ScoreError):
-    """The output, read back after the write, misses an input or holds one twice."""
+    """The output, read back after the write, misses an input, holds one twice, or holds files of
+    another model family (written by a job that started beside this one)."""
 
 
 class OutputBusy(ScoreError):
@@ -291,7 +292,7 @@ def done_uris(output: str, digest: str, s3: S3Config | None, schema: pa.Schema |
     dataset = _open_dataset(output, s3)
     empty = pa.table({"source_uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})
     if dataset is not None and schema is not None:
-        _same_family(output, dataset.schema, schema)
+        _same_family(output, dataset, schema)
     if dataset is None or "checkpoint" not in dataset.schema.names or uris == []:
         return empty
     ours = [f for f in dataset.files if _may_hold(f, digest)]
@@ -323,17 +324,29 @@ def _may_hold(path: str, digest: str) -> bool:
     return m is None or m.group(1) == file_tag(digest)
 
 
-def _same_family(output: str, there: pa.Schema, ours: pa.Schema) -> None:
+def _same_family(output: str, dataset: pds.Dataset, ours: pa.Schema) -> None:
     """Refuse to add files of other columns to an output: readers take the columns of the first
-    file they open (pandas, pyarrow) and would drop the others' without a word."""
-    have = [n for n in there.names if n != "run_date"]
-    if have != ours.names:
-        classes = (there.metadata or {}).get(CLASSES_KEY, b"?").decode()
-        missing, extra = [n for n in ours.names if n not in have], [n for n in have if n not in ours.names]
-        raise ScoreError(f"{output}: holds predictions of another model family (classes {classes}; columns "
-                         f"this job would add: {missing or 'none'}, columns it would lack: {extra or 'none'}); "
-                         "files of different columns in one output are unreadable as one table, so score "
-                         "this model into an output root of its own")
+    file they open (pandas, pyarrow) and would drop the others' without a word. Checked on the first
+    file and on one file of each model version (by its name): jobs of two families started at once
+    on a new output each find the other's files only later, at the read-back or the next run."""
+    first, seen = True, set()
+    for path in dataset.files:
+        m = _PART_NAME.search(path.rsplit("/", 1)[-1])
+        version = m.group(1) if m else None
+        if version in seen:
+            continue
+        seen.add(version)
+        there = dataset.schema if first else pq.read_schema(path, filesystem=dataset.filesystem)
+        have = [n for n in there.names if n != "run_date"]
+        if have != ours.names:
+            classes = (there.metadata or {}).get(CLASSES_KEY, b"?").decode()
+            missing, extra = [n for n in ours.names if n not in have], [n for n in have if n not in ours.names]
+            where = output if first else f"{output} ({path})"
+            raise ScoreError(f"{where}: holds predictions of another model family (classes {classes}; columns "
+                             f"this job would add: {missing or 'none'}, columns it would lack: {extra or 'none'}); "
+                             "files of different columns in one output are unreadable as one table, so score "
+                             "this model into an output root of its own")
+        first = False
 
 
 def _open_dataset(output: str, s3: S3Config | None) -> pds.Dataset | None:
@@ -1102,7 +1115,10 @@ def _verify(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs, todo, skip
             seconds: float, partition: str) -> Summary:
     """Re-read the output: every input exactly once for this checkpoint, else ScoreError."""
     wanted = {u for _, u in inputs}
-    rows = done_uris(sc.output, plan.digest, s3, uris=list(wanted))
+    try:
+        rows = done_uris(sc.output, plan.digest, s3, plan.schema(), uris=list(wanted))
+    except ScoreError as e:  # a job of another model family wrote here meanwhile
+        raise VerificationError(f"output {sc.output} failed verification: {e}") from None
     counts = pc.value_counts(rows.column("source_uri")).to_pylist() if rows.num_rows else []
     dupes = [c["values"] for c in counts if c["counts"] > 1 and c["values"] in wanted]
     missing = wanted - {c["values"] for c in counts}

@@ -345,6 +345,25 @@ def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(t
     assert sorted(score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/b.jpg"]
 
 
+def test_a_file_of_another_family_is_found_behind_the_first_file(tmp_path):
+    """Readers take the first file's columns; two families' jobs started together on a new output
+    leave one family's files behind the other's. Each version's first file is checked."""
+    def write(run_date: str, version: str, prob: str):
+        table = pa.table({"source_uri": [f"s3://p/{version}.jpg"], "checkpoint": [version], prob: [0.5],
+                          "error": pa.array([None], pa.string())})
+        return score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)["files"][0]
+
+    v1, v2 = "0123456789abcdef", "fedcba9876543210"
+    write("2026-11-21", v1, "prob_1")
+    ours = pa.schema([("source_uri", pa.string()), ("checkpoint", pa.string()), ("prob_1", pa.float64()),
+                      ("error", pa.string())])
+    assert score.done_uris(str(tmp_path), v1, None, ours).num_rows == 1
+    other = write("2026-11-22", v2, "prob_crazing")
+    with pytest.raises(score.ScoreError, match="holds predictions of another model family") as e:
+        score.done_uris(str(tmp_path), v1, None, ours)
+    assert other in str(e.value) and "columns this job would add: ['prob_1']" in str(e.value), e.value
+
+
 def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_images(tmp_path):
     """What --retry-errors does before scoring. A job killed right after it leaves those images out of
     the done set (missing, not twice), so its rerun scores them like new ones."""
