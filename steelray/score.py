@@ -950,6 +950,8 @@ def drop_rows(output: str, digest: str, s3: S3Config | None, rows: pa.Table, ret
     by_file: dict[str, set[str]] = {}
     for uri, path in zip(rows.column("source_uri").to_pylist(), rows.column("__filename").to_pylist()):
         by_file.setdefault(path, set()).add(uri)
+    for folder in {os.path.dirname(p) for p in by_file}:  # left by a job killed while rewriting
+        _remove_stale_temporaries(folder, digest)
     removed = 0
     for path, uris in sorted(by_file.items()):
         with fs.open(path, "rb") as f:
@@ -959,14 +961,12 @@ def drop_rows(output: str, digest: str, s3: S3Config | None, rows: pa.Table, ret
                        pc.is_valid(table.column("error")))
         keep = table.filter(pc.invert(pc.fill_null(drop, False)))
         removed += table.num_rows - keep.num_rows
-        uri = f"s3://{path}" if storage.is_s3(output) else path
         if not keep.num_rows:
             fs.rm(path)
             continue
-        _remove_stale_temporaries(os.path.dirname(path), digest)
         buf = io.BytesIO()
         pq.write_table(keep, buf, compression="zstd")
-        write_atomic(uri, buf.getvalue(), s3, retries)
+        write_atomic(f"s3://{path}" if storage.is_s3(output) else path, buf.getvalue(), s3, retries)
     log.info("removed %d error row(s) from %d file(s) to score those inputs again", removed, len(by_file))
     return removed
 
