@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
@@ -44,7 +41,7 @@ def decoded_block(batch: dict) -> dict:
 
 
 class FakeModel:
-    """Stands for ``score.Scorer`` on a GPU: takes the batch's images as one array, then waits."""
+    """Stands for ``scoring.actor.Scorer`` on a GPU: takes the batch's images as one array, then waits."""
 
     def __init__(self, forward_s: float):
         self.forward_s = forward_s
@@ -59,7 +56,7 @@ class FakeModel:
 
 def feed(ds, batch: int, calls: int, forward_s: float) -> tuple[float, float]:
     """(feed efficiency, mean wait between model calls in seconds) of one actor over the
-    materialised dataset ``ds``, as ``score._pipeline`` sets its actor pool up."""
+    materialised dataset ``ds``, as ``scoring.job._pipeline`` sets its actor pool up."""
     import ray.data
 
     out = ds.map_batches(FakeModel, batch_size=batch, batch_format="numpy", fn_constructor_kwargs={"forward_s": forward_s},

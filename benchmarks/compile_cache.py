@@ -2,16 +2,15 @@
 
     .ci/in-venv python benchmarks/compile_cache.py                     # CPU: resnet18 at 128x800, batch 16
     python3 benchmarks/compile_cache.py --device cuda --model resnet50 --size 256 1600 --batch 256 \\
-        --precision bf16 --mode default max-autotune-no-cudagraphs     # one GPU
+        --precision bf16                                               # one GPU
 
 Why: a compiled model scores faster (docs/benchmarks.md) but every actor compiles on its first
-batch, and nightly clusters start fresh nodes, so every night pays the whole compile (20-35 s on 2
-CPU cores, 17 s for resnet50 on an H100, 5 minutes with max-autotune). Each figure comes from a
-fresh Python process with its own empty inductor cache (a fresh node), running ``score.Scorer`` as
-an actor does: the first call's time (imports excluded; the compile happens there) and the steady
-rate after it. Per mode and round, three processes:
+batch, and nightly clusters start fresh nodes, so every night pays the whole compile. Each figure
+comes from a fresh Python process with its own empty inductor cache (a fresh node), running
+``scoring.actor.Scorer`` as an actor does: the first call's time (imports excluded; the compile
+happens there) and the steady rate after it. Per round, three processes:
 
-- cold: no cache file; the process compiles and writes ``score.compile_cache``;
+- cold: no cache; the process compiles and writes ``score.compile_cache``;
 - from the file: a fresh inductor cache and the file the cold process wrote;
 - local: the cold process's own inductor cache again, no file (what a node that already compiled
   once sees: the best case).
@@ -28,24 +27,24 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def child(args) -> None:
     """One fresh process: build the actor, time its first call and its steady rate; print JSON."""
     import numpy as np
 
-    from steelray import config, score
+    from steelray import config
+    from steelray.scoring.actor import ActorSettings, Scorer
+    from steelray.scoring.plan import make_plan
 
-    plan = score.make_plan(config.load(None, [f"score.checkpoint={args.ckpt}"], config.ScoreJob).score, None)
-    scorer = score.Scorer(plan, None, args.device, args.threads, compile=True, precision=args.precision,
-                          batch=args.batch, compile_mode=args.mode, compile_cache=args.cache)
+    plan = make_plan(config.load(None, [f"score.checkpoint={args.ckpt}"], config.ScoreJob).score, None)
+    scorer = Scorer(plan, ActorSettings(args.device, args.threads, args.precision, compile=True, batch=args.batch,
+                                        compile_cache=args.cache))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, *args.size, 1), dtype=np.uint8)
     info = plan.models[0]
 
     def call():
-        out = scorer._forward(info, images)
+        out = scorer.probabilities(info, images)
         if args.device == "cuda":
             scorer.torch.cuda.synchronize()
         return out
@@ -61,8 +60,8 @@ def child(args) -> None:
     print(json.dumps({"first_call_s": first, "images_per_s": rate}))
 
 
-def measure(args, mode: str, inductor_dir: str, cache: str, ckpt: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--ckpt", ckpt, "--cache", cache, "--mode", mode,
+def measure(args, inductor_dir: str, cache: str, ckpt: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--ckpt", ckpt, "--cache", cache,
            "--device", args.device, "--batch", str(args.batch), "--size", *map(str, args.size),
            "--precision", args.precision, "--threads", str(args.threads), "--calls", str(args.calls)]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
@@ -79,7 +78,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=[128, 800])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16"])
-    ap.add_argument("--mode", nargs="+", default=["default"], choices=["default", "max-autotune-no-cudagraphs"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the actor (0: torch's default)")
     ap.add_argument("--calls", type=int, default=8, help="calls timed for the steady rate")
     ap.add_argument("--rounds", type=int, default=2)
@@ -88,7 +86,6 @@ def main() -> None:
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        args.mode = args.mode[0]
         return child(args)
 
     import platform
@@ -106,17 +103,15 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {os.cpu_count()} CPUs"
     print(f"# {args.model} {args.size[0]}x{args.size[1]} batch {args.batch} {args.precision} on {where}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
-    print("| round | mode | process | first call (s) | images/s after |\n|---|---|---|---|---|")
+    print("| round | process | first call (s) | images/s after |\n|---|---|---|---|")
     try:
         for r in range(1, args.rounds + 1):
-            for mode in args.mode:
-                tag = f"{r}-{mode}"
-                cache, cold_dir = os.path.join(work, f"cache-{tag}"), os.path.join(work, f"inductor-{tag}")
-                for label, inductor_dir, file in (("cold (writes the file)", cold_dir, cache),
-                                                  ("fresh node, from the file", os.path.join(work, f"fresh-{tag}"), cache),
-                                                  ("same node again, no file", cold_dir, "")):
-                    m = measure(args, mode, inductor_dir, file, ckpt)
-                    print(f"| {r} | {mode} | {label} | {m['first_call_s']:.1f} | {m['images_per_s']:.1f} |", flush=True)
+            cache, cold_dir = os.path.join(work, f"cache-{r}"), os.path.join(work, f"inductor-{r}")
+            for label, inductor_dir, folder in (("cold (writes the cache)", cold_dir, cache),
+                                                ("fresh node, from the cache", os.path.join(work, f"fresh-{r}"), cache),
+                                                ("same node again, no cache", cold_dir, "")):
+                m = measure(args, inductor_dir, folder, ckpt)
+                print(f"| {r} | {label} | {m['first_call_s']:.1f} | {m['images_per_s']:.1f} |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,7 +13,7 @@ new sheets and one whose inputs are all scored already (a rerun), two ways:
 
 - ``before``: how the job read until 2026-11-23 (``before()`` below): every file opened, every row
   of its version held, a Python set;
-- ``now``: ``score.done_uris(..., uris=inputs)``: files named for other versions are not opened, and
+- ``now``: ``scoring.output.rows_for(..., inputs)``: files named for other versions are not opened, and
   rows are matched to the inputs while they are read.
 
 ``--s3-nights`` repeats it, smaller, on moto's S3 server on 127.0.0.1 (a local stand-in: it shows the
@@ -37,7 +37,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -58,15 +57,16 @@ def night_uris(n: int, count: int) -> list[str]:
 
 def build(root: str, nights: int, per_night: int, per_file: int, versions: int) -> int:
     """The output of ``nights`` nightly jobs of each version; returns its number of files."""
-    from steelray import score, storage
+    from steelray import storage
+    from steelray.scoring.plan import ModelInfo, Plan
 
     fs, base = storage.filesystem(root)
     rng = np.random.default_rng(0)
     files = 0
     for v in range(versions):
-        info = score.ModelInfo(uri="", task="multilabel", classes=CLASSES, thresholds=(0.5,) * 4,
+        info = ModelInfo(uri="", task="multilabel", classes=CLASSES, thresholds=(0.5,) * 4,
                                preprocess=None, name="resnet50", digest=digest(v), data_format="severstal")
-        schema = score.Plan(info, None, None, ()).schema()
+        schema = Plan(info, None, None, ()).schema()
         for n in range(nights):
             uris = night_uris(n, per_night)
             when = dt.datetime.combine(FIRST_NIGHT + dt.timedelta(days=n), dt.time(2), dt.timezone.utc)
@@ -92,12 +92,12 @@ def build(root: str, nights: int, per_night: int, per_file: int, versions: int) 
 
 
 def before(root: str, version: str) -> pa.Table:
-    """``score.done_uris`` as it was until 2026-11-23 (commit ff8d96b)."""
+    """What a job read until 2026-11-23 (commit ff8d96b): every row of its version."""
     import pyarrow.compute as pc
 
-    from steelray import score
+    from steelray.scoring.output import open_output
 
-    dataset = score._open_dataset(root, None)
+    dataset = open_output(root, None)
     return dataset.to_table(columns=["source_uri", "error"], filter=pc.field("checkpoint") == version)
 
 
@@ -107,23 +107,23 @@ def measure(root: str, method: str, night: int, per_night: int) -> dict:
 
     import pyarrow.compute as pc
 
-    from steelray import score
+    from steelray.scoring.output import open_output, rows_for
 
     inputs = night_uris(night, per_night)
-    score._open_dataset(root, None)  # imports and S3 session set-up: not part of either method
+    open_output(root, None)  # imports and S3 session set-up: not part of either method
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if method == "before":
         done = set(before(root, digest(0)).column("source_uri").to_pylist())
     else:
-        done = set(score.done_uris(root, digest(0), None, uris=inputs).column("source_uri").to_pylist())
+        done = set(rows_for(open_output(root, None), root, digest(0), inputs, None).column("source_uri").to_pylist())
     todo = [u for u in inputs if u not in done]
     t1 = time.perf_counter()
     wanted = set(inputs)
     if method == "before":
         rows = before(root, digest(0))
     else:
-        rows = score.done_uris(root, digest(0), None, uris=inputs)
+        rows = rows_for(open_output(root, None), root, digest(0), inputs, None)
     counts = pc.value_counts(rows.column("source_uri")).to_pylist() if rows.num_rows else []
     found = {c["values"] for c in counts if c["values"] in wanted}
     t2 = time.perf_counter()

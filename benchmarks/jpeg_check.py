@@ -1,4 +1,4 @@
-"""Does the header probe (PIL's header parse plus ``data.jpeg_structure_error``) reject every JPEG that
+"""Does the header probe (PIL's header parse plus ``images.jpeg_structure_error``) reject every JPEG that
 libjpeg rejects? Random damage to real sheets, side by side: libjpeg's full decode (through PIL, as
 the decode tasks use it) against the probe (what the CPU tasks run with ``score.decode=actor``).
 
@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from steelray import data, synth
+from steelray import images, synth
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -40,9 +40,9 @@ def libjpeg_rejects(blob: bytes) -> bool:
 def probe_rejects(blob: bytes) -> bool:
     """What the CPU tasks do with ``score.decode=actor``: PIL reads the header, then the structure check."""
     try:
-        data.probe_image(blob)
+        images.probe_image(blob)
         return False
-    except data.DataError:
+    except images.DataError:
         return True
 
 
@@ -84,8 +84,8 @@ def main() -> None:
         lib, chk = libjpeg_rejects(blob), probe_rejects(blob)
         counts["both" if lib and chk else "libjpeg only" if lib else "probe only" if chk else "neither"] += 1
     print(f"{args.n} damaged files ({args.where}, seed {args.seed}): rejected by", counts)
-    for name, fn in [("structure check", data.jpeg_structure_error), ("header probe", lambda b: data.probe_image(b)),
-                     ("full decode", lambda b: data.decode_image(b, 1))]:
+    for name, fn in [("structure check", images.jpeg_structure_error), ("header probe", lambda b: images.probe_image(b)),
+                     ("full decode", lambda b: images.decode_image(b, 1))]:
         start = time.perf_counter()
         for _ in range(20):
             for blob in sev:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from steelray import rle, synth  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "severstal-sample" / "train.csv"

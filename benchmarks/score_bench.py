@@ -5,7 +5,7 @@
                                                  [--bare-n 480]
                                                  [--mem-model mobilenetv3_small_050] [--mem-n 1000 5000]
 
-1. Efficiency: the scoring job (``score.run``: Ray Data read/decode tasks -> model actor -> Parquet,
+1. Efficiency: the scoring job (``scoring.job.run``: Ray Data read/decode tasks -> model actor -> Parquet,
    wall time of the whole job, start-up and verification included) against the same model's bare
    forward pass over pre-decoded, pre-resized uint8 tensors (the ceiling), and against a naive loop
    that reads, decodes, resizes and predicts one image at a time (the notebook way). Same model,
@@ -26,19 +26,16 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from steelray import checkpoint, config, data, models, score, storage, synth  # noqa: E402
+from steelray import checkpoint, config, data, images, model_io, models, storage, synth  # noqa: E402
+from steelray.scoring import job as scoring_job  # noqa: E402
 
 
 def make_checkpoint(folder: str, name: str, size: tuple[int, int]) -> str:
@@ -57,12 +54,12 @@ def fill(folder: str, sources: list[str], n: int) -> None:
         os.link(src, os.path.join(folder, f"{i:06d}-{os.path.basename(src)}"))
 
 
-def preprocess(blob: bytes, pre: models.Preprocess) -> np.ndarray:
-    img = data.decode_image(blob, pre.in_chans)
+def preprocess(blob: bytes, pre: model_io.Preprocess) -> np.ndarray:
+    img = images.decode_image(blob, pre.in_chans)
     return cv2.resize(img, (pre.size[1], pre.size[0]), interpolation=cv2.INTER_LINEAR).reshape(*pre.size, -1)
 
 
-def normalise(x: torch.Tensor, pre: models.Preprocess) -> torch.Tensor:
+def normalise(x: torch.Tensor, pre: model_io.Preprocess) -> torch.Tensor:
     x = x.permute(0, 3, 1, 2).float()
     mean = torch.tensor(pre.mean).view(1, -1, 1, 1) * 255
     std = torch.tensor(pre.std).view(1, -1, 1, 1) * 255
@@ -77,7 +74,7 @@ def bare_forward(ckpt: str, images: list[np.ndarray], batch: int, threads: int, 
     if compile:
         model = torch.compile(model, dynamic=False)
         images = images[:len(images) // batch * batch]  # whole batches: one shape, one compile
-    pre = models.Preprocess.from_dict(meta["preprocess"])
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
     stack = torch.from_numpy(np.stack(images))
     with torch.inference_mode():
         model(normalise(stack[:batch], pre))  # warm-up
@@ -92,7 +89,7 @@ def naive_loop(ckpt: str, uris: list[str], threads: int) -> float:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model, meta = checkpoint.load_model(ckpt)
-    pre = models.Preprocess.from_dict(meta["preprocess"])
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
     with torch.inference_mode():
         for uri in uris:
             x = torch.from_numpy(preprocess(storage.read_bytes(uri), pre)[None])
@@ -132,13 +129,13 @@ class PeakMemory:
 
 
 def run_job(inputs: str, ckpt: str, output: str, batch: int, threads: int, compile: bool = False,
-            calls: int | None = None) -> score.Summary:
+            calls: int | None = None) -> scoring_job.Summary:
     shutil.rmtree(output, ignore_errors=True)
     job = config.load(None, [f"score.input={inputs}", f"score.checkpoint={ckpt}", f"score.output={output}",
                              f"score.batch_size={batch}", f"score.actor_threads={threads}", "score.actor_cpus=1",
                              "score.decode_batch=32", f"score.compile={str(compile).lower()}"]
                       + ([f"score.actor_calls={calls}"] if calls else []), config.ScoreJob)
-    return score.run(job)
+    return scoring_job.run(job)
 
 
 def steady_rate(output: str) -> float:
@@ -185,7 +182,7 @@ def main() -> None:
 
     ckpt = make_checkpoint(os.path.join(work, "ckpt"), args.model, tuple(args.size))
     fill(os.path.join(work, "eff"), sources, args.n)
-    pre = models.Preprocess.from_dict(checkpoint.read_meta(ckpt)["preprocess"])
+    pre = model_io.Preprocess.from_dict(checkpoint.read_meta(ckpt)["preprocess"])
     decoded = [preprocess(storage.read_bytes(sources[i % len(sources)]), pre) for i in range(args.n)]
     ray.init(num_cpus=2, include_dashboard=None, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
 
@@ -210,7 +207,7 @@ def main() -> None:
             bare = (bare_before + bare_after) / 2
             rates[c, b, k] = pipeline, steady
             print(f"  compile {c}, batch {b}, actor_calls {k or 'default'}:")
-            print(f"   pipeline (score.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
+            print(f"   pipeline (job.run, whole job) {pipeline:8.1f} img/s  ({summary.seconds:.1f} s)")
             print(f"   pipeline, first to last batch   {steady:8.1f} img/s  -> steady/bare = {steady / bare:.2f}")
             print(f"   bare forward, pre-decoded       {bare:8.1f} img/s  (before the job {bare_before:.1f}, after "
                   f"{bare_after:.1f})  -> pipeline/bare = {pipeline / bare:.2f}", flush=True)

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray
 import score_bench as sb
-from steelray import synth, config, score
+from steelray import synth, config
+from steelray.scoring import job as scoring_job
 
 work = "/tmp/steelray-cpu-account"
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 600
@@ -60,7 +60,7 @@ for rep in range(2):
     job = config.load(None, [f"score.input={work}/eff", f"score.checkpoint={ckpt}", f"score.output={work}/out",
                              "score.batch_size=16", "score.actor_threads=2", "score.actor_cpus=1", "score.decode_batch=32", *extra],
                       config.ScoreJob)
-    s = score.run(job)
+    s = scoring_job.run(job)
     b = snapshot(); wall = time.time() - t0
     agg = collections.Counter()
     for pid, (cpu, cmd, name) in b.items():

@@ -1,22 +1,19 @@
 """GPU scoring figures: resnet50 on full 256x1600 sheets in bf16, and JPEG decode alone.
 
     python benchmarks/score_gpu.py [--batch 64 128] [--workers 15] [--precision bf16-mixed bf16]
-                                   [--pipeline] [--actor-gpus 1 0.5] [--decode tasks actor]
-                                   [--actor-calls 1 2]
+                                   [--pipeline] [--actor-gpus 1 0.5] [--actor-calls 1 2]
 
 Measured with the scoring job's own pieces, side by side in one run:
-- decode: ``score.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
+- decode: ``scoring.decode.read_and_decode`` (read + decode + size check, the pipeline's CPU stage) over
   ``--workers`` processes, images/s; and PIL decode alone in one process;
-- model: ``score.Scorer`` (the actor class: uint8 -> GPU, normalise, channels_last forward in each
+- model: ``scoring.actor.Scorer`` (the actor class: uint8 -> GPU, normalise, channels_last forward in each
   ``--precision`` (``score.precision``: bf16 autocast, or weights and inputs in bf16), per-class
   thresholds, output rows) on batches already decoded, images/s; and the bare forward pass on the
   same tensors already on the GPU (the ceiling); cuDNN autotuning is on, as in the actor;
-- decode on the GPU: torchvision's nvJPEG ``decode_jpeg`` on batches of JPEG bytes, and the actor
-  call when it decodes itself (``score.decode=actor``: JPEG bytes -> rows);
 - ``--naive N``: the notebook way on the GPU, one sheet read, decoded and predicted at a time;
-- ``--pipeline``: the whole job, ``score.run`` on a local Ray (needs Ray installed), for each
-  precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU), each
-  ``--decode`` (CPU decode tasks, or nvJPEG in the actor) and each ``--actor-calls``
+- ``--pipeline``: the whole job, ``scoring.job.run`` on a local Ray (needs Ray installed), for each
+  precision, each ``--actor-gpus`` (``score.actor_gpus``: 0.5 runs two actors per GPU) and each
+  ``--actor-calls``
   (``score.actor_calls``: batches an actor holds at once, so the next is fetched during the model call).
 
 Sheets are synthetic Severstal 1600x256 JPEGs (``--unique`` distinct, repeated up to ``--n``).
@@ -27,24 +24,24 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from multiprocessing import Pool
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from steelray import checkpoint, config, data, models, score, synth  # noqa: E402
+from steelray import checkpoint, config, data, images, models, synth  # noqa: E402
+from steelray.scoring import job as scoring_job  # noqa: E402
+from steelray.scoring.actor import ActorSettings, Scorer  # noqa: E402
+from steelray.scoring.decode import read_and_decode  # noqa: E402
+from steelray.scoring.plan import make_plan  # noqa: E402
 
 INPUT = [{"size": [256, 1600], "crop": None, "in_chans": 1, "mean": [0.449], "std": [0.226]}]
 
 
 def _decode_chunk(uris: list[str]) -> int:
-    out = score.read_and_decode({"image_id": np.array(uris, dtype=object), "source_uri": np.array(uris, dtype=object)},
+    out = read_and_decode({"image_id": np.array(uris, dtype=object), "source_uri": np.array(uris, dtype=object)},
                                 inputs=INPUT, expect_size=(256, 1600), s3=None, retries=0, threads=4)
     assert not any(out["error"]), out["error"]
     return len(uris)
@@ -57,25 +54,6 @@ def decode_rate(uris: list[str], workers: int, chunk: int = 64) -> float:
         start = time.perf_counter()
         done = sum(pool.map(_decode_chunk, chunks))
     return done / (time.perf_counter() - start)
-
-
-def gpu_decode(src: list[str], n: int) -> None:
-    """nvJPEG through torchvision: batched decode of the JPEG bytes on the GPU, grey, images/s."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    blobs = [torch.frombuffer(bytearray(open(u, "rb").read()), dtype=torch.uint8) for u in src]
-    print(f"JPEG size: mean {np.mean([len(b) for b in blobs]) / 1024:.0f} KiB per sheet", flush=True)
-    for batch in (64, 128, 256):
-        chunk = [blobs[i % len(blobs)] for i in range(batch)]
-        decode_jpeg(chunk, mode=ImageReadMode.GRAY, device="cuda")
-        torch.cuda.synchronize()
-        reps = max(1, n // batch)
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = decode_jpeg(chunk, mode=ImageReadMode.GRAY, device="cuda")
-        torch.cuda.synchronize()
-        print(f"decode: torchvision decode_jpeg on cuda (nvJPEG), batch {batch}: "
-              f"{reps * batch / (time.perf_counter() - start):.0f} img/s, shape {tuple(out[0].shape)}", flush=True)
 
 
 def make_checkpoint(folder: str, name: str) -> str:
@@ -95,8 +73,6 @@ def main() -> None:
     ap.add_argument("--precision", nargs="*", default=["bf16-mixed"], choices=["bf16-mixed", "bf16", "fp32"])
     ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--actor-gpus", type=float, nargs="*", default=[1.0], help="GPU share per model actor")
-    ap.add_argument("--decode", nargs="*", default=["actor"], choices=["tasks", "actor"],
-                    help="score.decode: CPU decode tasks, or nvJPEG in the model actor")
     ap.add_argument("--actor-calls", type=int, nargs="*", default=[4], help="score.actor_calls")
     ap.add_argument("--decode-batch", type=int, default=64, help="score.decode_batch in the pipeline runs")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd forward passes")
@@ -105,8 +81,6 @@ def main() -> None:
                     help="which compiled forward passes to time with --compile (max-autotune compiles for minutes)")
     ap.add_argument("--pipeline-compile", nargs="*", choices=["off", "on"], default=None,
                     help="score.compile in the pipeline runs (default: off, and on too with --compile)")
-    ap.add_argument("--pipeline-compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
-                    help="score.compile_mode in the compiled pipeline runs")
     ap.add_argument("--compile-cache", default="",
                     help="score.compile_cache in the pipeline runs (a folder; list a count twice in --pipeline-n "
                          "so that the second run loads what the first compiled)")
@@ -137,20 +111,19 @@ def main() -> None:
         return pipeline(args, src, ckpt)
     start = time.perf_counter()
     for u in uris[:500]:
-        data.decode_image(open(u, "rb").read(), 1, u)
+        images.decode_image(open(u, "rb").read(), 1, u)
     print(f"decode: PIL, 1 process: {500 / (time.perf_counter() - start):.0f} img/s", flush=True)
-    print(f"decode: score.read_and_decode, {args.workers} processes: {decode_rate(uris, args.workers):.0f} img/s",
+    print(f"decode: read_and_decode, {args.workers} processes: {decode_rate(uris, args.workers):.0f} img/s",
           flush=True)
-    gpu_decode(src, args.n)
 
-    plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
-    images = np.stack([data.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
+    plan = make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
+    sheets = np.stack([images.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
     for precision, batch in ((p, b) for p in args.precision for b in args.batch):
-        scorer = score.Scorer(plan, None, "cuda", 0, precision=precision)
+        scorer = Scorer(plan, ActorSettings("cuda", precision=precision))
         model = scorer.models[ckpt]
         reps = max(1, args.n // batch)
-        idx = [np.arange(i * batch, (i + 1) * batch) % len(images) for i in range(reps)]
-        gpu = torch.from_numpy(images[idx[0]]).cuda()
+        idx = [np.arange(i * batch, (i + 1) * batch) % len(sheets) for i in range(reps)]
+        gpu = torch.from_numpy(sheets[idx[0]]).cuda()
         x = ((gpu.permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
         x = x.to(scorer.dtype)
         torch.cuda.reset_peak_memory_stats()
@@ -167,7 +140,7 @@ def main() -> None:
         batches = [{"image_id": np.array([str(j) for j in i], dtype=object),
                     "source_uri": np.array([str(j) for j in i], dtype=object),
                     "height": np.full(batch, 256, np.int32), "width": np.full(batch, 1600, np.int32),
-                    "error": np.array([""] * batch, dtype=object), "image_0": images[i]} for i in idx]
+                    "error": np.array([""] * batch, dtype=object), "image_0": sheets[i]} for i in idx]
         scorer(batches[0])
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -177,26 +150,12 @@ def main() -> None:
         print(f"{args.model} 256x1600 {precision} batch {batch}: bare forward (tensors on GPU) {bare:.0f} img/s, "
               f"peak GPU memory {peak:.1f} GiB; Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s",
               flush=True)
-        if "actor" in args.decode:  # the actor decoding JPEG bytes itself (score.decode=actor)
-            scorer = score.Scorer(plan, None, "cuda", 0, precision=precision, decode=True)
-            blobs = [open(u, "rb").read() for u in src]
-            batches = [{**{k: v for k, v in b.items() if k != "image_0"},
-                        "blob": np.array([blobs[j % len(blobs)] for j in i] + [None], dtype=object)[:-1]}
-                       for b, i in zip(batches, idx)]
-            scorer(batches[0])
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            rows = sum(scorer(b).num_rows for b in batches)
-            torch.cuda.synchronize()
-            print(f"{args.model} 256x1600 {precision} batch {batch}: Scorer actor call with nvJPEG decode "
-                  f"(JPEG bytes -> rows) {rows / (time.perf_counter() - start):.0f} img/s", flush=True)
-
     if args.naive:  # the notebook way, on the GPU: one sheet at a time, bf16 autocast, no Ray
         model = scorer.models[ckpt]
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
             for u in uris[:args.naive]:
-                img = torch.from_numpy(data.decode_image(open(u, "rb").read(), 1)).cuda()
+                img = torch.from_numpy(images.decode_image(open(u, "rb").read(), 1)).cuda()
                 x = ((img.permute(2, 0, 1)[None].float() / 255 - 0.449) / 0.226).contiguous(
                     memory_format=torch.channels_last).to(scorer.dtype)
                 model(x).sigmoid().cpu()
@@ -207,7 +166,7 @@ def main() -> None:
         import torch._inductor.config as inductor
 
         batch = args.batch[-1]
-        x = torch.from_numpy(images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:])))
+        x = torch.from_numpy(sheets[:batch] if len(sheets) >= batch else np.resize(sheets, (batch, *sheets.shape[1:])))
         x = ((x.cuda().permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
         x = x.to(scorer.dtype)  # the last --precision's model
         modes = {"default": ("compile", False, None), "freezing": ("compile+freezing", True, None),
@@ -246,11 +205,10 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
 
     ray.init(include_dashboard=False)
     counts = args.pipeline_n or [args.n]
-    for compile_, precision, share, batch, decode, calls in itertools.product(
+    for compile_, precision, share, batch, calls in itertools.product(
             [c == "on" for c in args.pipeline_compile or (["off", "on"] if args.compile else ["off"])], args.precision,
-            args.actor_gpus, args.batch, args.decode, args.actor_calls):
-        label = (f"batch {batch} compile {compile_}{f' ({args.pipeline_compile_mode})' if compile_ else ''} "
-                 f"{precision} actor_gpus {share} decode {decode} actor_calls {calls}")
+            args.actor_gpus, args.batch, args.actor_calls):
+        label = f"batch {batch} compile {compile_} {precision} actor_gpus {share} actor_calls {calls}"
         timed = []
         for k, n in enumerate(counts):
             folder = os.path.join(args.work, f"p-{n}")
@@ -258,17 +216,15 @@ def pipeline(args, src: list[str], ckpt: str) -> None:
                 os.makedirs(folder)
                 for i in range(n):
                     os.link(src[i % len(src)], os.path.join(folder, f"{i:06d}-{os.path.basename(src[i % len(src)])}"))
-            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}-{decode}-{calls}")
+            out = os.path.join(args.work, f"out-{k}-{n}-{batch}-{compile_}-{precision}-{share}-{calls}")
             job = config.load(None, [f"score.input={folder}", f"score.checkpoint={ckpt}", f"score.output={out}",
                                      f"score.batch_size={batch}", "score.actor_cpus=1",
                                      f"score.decode_batch={args.decode_batch}", f"score.actor_calls={calls}",
                                      f"score.compile={str(compile_).lower()}", f"score.precision={precision}",
-                                     f"score.actor_gpus={share}", f"score.decode={decode}",
-                                     f"score.compile_mode={args.pipeline_compile_mode}",
-                                     f"score.compile_cache={args.compile_cache}"], config.ScoreJob)
-            s = score.run(job)
+                                     f"score.actor_gpus={share}", f"score.compile_cache={args.compile_cache}"], config.ScoreJob)
+            s = scoring_job.run(job)
             timed.append((n, s.seconds))
-            print(f"pipeline score.run {label}: {s.images_per_s:.0f} img/s over {s.scored} sheets "
+            print(f"pipeline job.run {label}: {s.images_per_s:.0f} img/s over {s.scored} sheets "
                   f"({s.seconds:.1f}s, start-up included)", flush=True)
         if len(timed) > 1:
             (n0, t0), (n1, t1) = timed[-2], timed[-1]

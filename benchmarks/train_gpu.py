@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from steelray import config, data, models, presets, synth, train  # noqa: E402
+from steelray import config, data, models, synth, train  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +43,7 @@ def main() -> None:
     pre = models.preprocess_for(cfg)
     device = torch.device("cuda")
     model = models.build_model(cfg, len(manifest.classes)).to(device).to(memory_format=torch.channels_last)
-    loader = DataLoader(train.SheetDataset(records, cfg.task, presets.build(pre, "light", train=True), 1),
+    loader = DataLoader(train.SheetDataset(records, cfg.task, pre, "light", train=True),
                         batch_size=args.batch, shuffle=True, num_workers=args.loader_workers, pin_memory=True,
                         drop_last=True, persistent_workers=True)
     loss_fn = train.make_loss(cfg.task, None)
@@ -55,7 +52,7 @@ def main() -> None:
     for epoch in range(2):  # the first includes cuDNN autotuning and worker start-up
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, device, True)
+        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, pre, device, True)
         torch.cuda.synchronize()
         rate = seen / (time.perf_counter() - start)
         print(f"epoch {epoch + 1}: {rate:.0f} img/s through the training loop ({seen} sheets, "

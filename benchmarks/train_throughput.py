@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from steelray import config, data, models, presets, synth, train  # noqa: E402
+from steelray import config, data, models, synth, train  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "neu-det"
 
@@ -37,8 +34,7 @@ def plain_loop(cfg: config.Config, manifest: data.Manifest, epochs: int, threads
     records = train.records(train_m, cfg.task)
     pre = models.preprocess_for(cfg)
     model = models.build_model(cfg, len(manifest.classes))
-    loader = DataLoader(train.SheetDataset(records, cfg.task, presets.build(pre, cfg.input.augment, train=True),
-                                           cfg.data.in_chans), batch_size=cfg.train.batch_size, shuffle=True,
+    loader = DataLoader(train.SheetDataset(records, cfg.task, pre, cfg.input.augment, train=True), batch_size=cfg.train.batch_size, shuffle=True,
                         num_workers=0, drop_last=True)
     loss_fn = train.make_loss(cfg.task, None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -46,7 +42,7 @@ def plain_loop(cfg: config.Config, manifest: data.Manifest, epochs: int, threads
     rate = 0.0
     for _ in range(epochs):
         start = time.perf_counter()
-        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, torch.device("cpu"), False)
+        _, seen = train.train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg, pre, torch.device("cpu"), False)
         rate = seen / (time.perf_counter() - start)
     return rate
 

@@ -5,35 +5,35 @@ validation, split, decoding), trains a small multi-label classifier briefly on a
 workers), scores a night's worth of sheets with it (plus one corrupt file, which becomes an error row)
 into Parquet, and prints where every output went.
 
-    python jobs/demo.py [--out DIR] [--n 32] [--epochs 2]
+    python jobs/demo.py [--out DIR] [--n 32] [--epochs 2] [--config YAML] [key=value ...]
+
+The training config is jobs/configs/severstal_multilabel.yaml shrunk to a tiny model and small
+inputs (so the demo runs in a minute on a laptop); --config and key=value settings go over that.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from steelray import config, data, synth  # noqa: E402
+from steelray import cli, config, data, images, synth
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "severstal_multilabel.yaml")
+EXIT_CODES = {cli.DONE: "done; every output is listed", cli.BAD_ARGUMENTS: "bad arguments"}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, EXIT_CODES, config_help=f"training config (default: {os.path.relpath(CONFIG)})")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "steelray-demo"),
                    help="folder for everything the demo writes (default: %(default)s)")
     p.add_argument("--n", type=int, default=32, help="synthetic sheets to generate (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2; 0 skips training)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.config = args.config or CONFIG
     start = time.perf_counter()
     out = os.path.abspath(args.out)
 
@@ -42,11 +42,15 @@ def main(argv=None) -> int:
           f"-> {written.images}")
 
     # The example config, shrunk to a tiny model and small inputs so the demo runs in a minute on a laptop.
-    cfg = config.load(CONFIG, [f"data.root={written.root}", f"data.seed={args.seed}", "model.name=simple_cnn",
-                               "input.size=[64,400]", "input.crop=[]", "train.batch_size=8", "train.lr=2e-3",
-                               f"train.epochs={max(args.epochs, 1)}", "train.warmup_epochs=0", "train.loader_workers=0",
-                               "ray.use_gpu=false",
-                               f"ray.storage_path={os.path.join(out, 'runs')}", "ray.run_name=demo"])
+    try:
+        cfg = cli.load(args, config.Config, [
+            f"data.root={written.root}", f"data.seed={args.seed}", "model.name=simple_cnn", "input.size=[64,400]",
+            "input.crop=[]", "train.batch_size=8", "train.lr=2e-3", f"train.epochs={max(args.epochs, 1)}",
+            "train.warmup_epochs=0", "train.loader_workers=0", "ray.use_gpu=false",
+            f"ray.storage_path={os.path.join(out, 'runs')}", "ray.run_name=demo"])
+    except config.ConfigError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return cli.BAD_ARGUMENTS
     config.save(cfg, os.path.join(out, "config.yaml"))
     manifest = data.build_manifest(cfg)
     train, val = data.split(manifest, cfg.data)
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     print(f"[2/5] manifest: {manifest.summary()}")
     print(f"      split (seed {cfg.data.seed}): {len(train)} train / {len(val)} validation")
 
-    first = data.load_image(val.records["uri"].iloc[0], cfg.data.in_chans, cfg.s3)
+    first = images.load_image(val.records["uri"].iloc[0], cfg.data.in_chans, cfg.s3)
     print(f"[3/5] decoded {val.records['image_id'].iloc[0]} as {first.shape[0]}x{first.shape[1]}x{first.shape[2]} "
           f"(in_chans={cfg.data.in_chans})")
 
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
 
     predictions = None
     if best:
-        from steelray import score
+        from steelray.scoring import job
 
         incoming = os.path.join(out, "incoming")
         shutil.rmtree(incoming, ignore_errors=True)
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
             f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
         predictions = os.path.join(out, "predictions")
         shutil.rmtree(predictions, ignore_errors=True)
-        summary = score.run(config.load(None, [f"score.input={incoming}", f"score.checkpoint={best}",
+        summary = job.run(config.load(None, [f"score.input={incoming}", f"score.checkpoint={best}",
                                                f"score.output={predictions}"], config.ScoreJob))
         print("[5/5] scored: " + "\n      ".join(summary.lines()))
 
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     if predictions:
         print(f"  scores     {predictions} (Parquet, partitioned by run_date)")
     print(f"done in {time.perf_counter() - start:.1f}s.")
-    return 0
+    return cli.DONE
 
 
 if __name__ == "__main__":

@@ -3,68 +3,64 @@
     python jobs/make_data.py --out /tmp/sheets --n 200                 # Severstal: train.csv + train_images/
     python jobs/make_data.py --format neu --out s3://bucket/neu --n 50  # NEU: 50 per class, images/ + labels.csv
 
-S3 endpoint and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL, ...).
+Settings: `synth.*` (each option below sets one) and `s3.*`; S3 endpoint and credentials otherwise
+come from the standard AWS environment variables (AWS_ENDPOINT_URL, ...).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from steelray import cli, config, synth
 
-from steelray import synth  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", choices=["severstal", "neu"], default="severstal",
-                   help="severstal: 1600x256 sheets with RLE masks; neu: 200x200 images of 6 classes")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--n", type=int, default=100,
-                   help="severstal: number of sheets; neu: images per class (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    p.add_argument("--defect-free-share", type=float, default=synth.DEFECT_FREE_SHARE,
-                   help=f"severstal: share of sheets without defects (default {synth.DEFECT_FREE_SHARE})")
-    p.add_argument("--class-freq", default=",".join(map(str, synth.CLASS_FREQ)),
-                   help="severstal: relative frequency of classes 1,2,3,4 among defects "
-                        f"(default {','.join(map(str, synth.CLASS_FREQ))}, close to Severstal's skew)")
-    p.add_argument("--multi-share", type=float, default=synth.MULTI_SHARE,
-                   help=f"severstal: share of defective sheets with a second class (default {synth.MULTI_SHARE})")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
-    p.add_argument("--montage", default=None, help="also save a PNG montage of the first images here")
-    args = p.parse_args(argv)
-    try:
-        args.class_freq = tuple(float(x) for x in args.class_freq.split(","))
-    except ValueError:
-        p.error(f"--class-freq: expected 4 comma-separated numbers, got {args.class_freq!r}")
-    return args
+EXIT_CODES = {cli.DONE: "written", cli.BAD_ARGUMENTS: "bad arguments"}
+OPTIONS = ("format", "out", "n", "seed", "defect_free_share", "class_freq", "multi_share", "workers", "montage")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    p = cli.parser(__doc__, EXIT_CODES, config_help="YAML with synth: and s3: sections (optional)")
+    p.add_argument("--format", choices=["severstal", "neu"],
+                   help="severstal (default): 1600x256 sheets with RLE masks; neu: 200x200 images of 6 classes")
+    p.add_argument("--out", help="output folder or s3:// prefix")
+    p.add_argument("--n", help="severstal: number of sheets; neu: images per class (default 100)")
+    p.add_argument("--seed", help="same seed, same images (default 0)")
+    p.add_argument("--defect-free-share", help=f"severstal: share of sheets without defects "
+                                                f"(default {synth.DEFECT_FREE_SHARE})")
+    p.add_argument("--class-freq", help="severstal: relative frequency of classes 1,2,3,4 among defects "
+                                        f"(default {','.join(map(str, synth.CLASS_FREQ))}, close to Severstal's skew)")
+    p.add_argument("--multi-share", help=f"severstal: share of defective sheets with a second class "
+                                          f"(default {synth.MULTI_SHARE})")
+    p.add_argument("--workers", help="processes (default: CPU count, at most 8)")
+    p.add_argument("--montage", help="also save a PNG montage of the first images here")
+    args = p.parse_args(argv)
+    flags = [f"synth.{k}={v}" for k in OPTIONS if (v := getattr(args, k)) is not None]
+    flags = [f"synth.class_freq=[{f.split('=', 1)[1]}]" if f.startswith("synth.class_freq=") else f for f in flags]
     try:
-        if args.format == "severstal":
-            written = synth.make_severstal(args.out, args.n, args.seed, defect_free_share=args.defect_free_share,
-                                           class_freq=args.class_freq, multi_share=args.multi_share,
-                                           workers=args.workers)
+        job = cli.load(args, config.SynthJob, flags)
+        sc = job.synth
+        if not sc.out:
+            raise config.ConfigError("synth.out: required (--out, a folder or s3:// prefix)")
+        if sc.format == "severstal":
+            written = synth.make_severstal(sc.out, sc.n, sc.seed, defect_free_share=sc.defect_free_share,
+                                           class_freq=tuple(sc.class_freq), multi_share=sc.multi_share,
+                                           s3=job.s3, workers=sc.workers or None)
         else:
-            written = synth.make_neu(args.out, args.n, args.seed, workers=args.workers)
-    except ValueError as e:
-        print(f"make_data: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written.count} {args.format} images to {written.images}")
+            written = synth.make_neu(sc.out, sc.n, sc.seed, s3=job.s3, workers=sc.workers or None)
+    except (config.ConfigError, ValueError) as e:
+        print(f"make_data: {e}".replace("synth.class_freq", "synth.class_freq (--class-freq)"), file=sys.stderr)
+        return cli.BAD_ARGUMENTS
+    print(f"wrote {written.count} {sc.format} images to {written.images}")
     print(f"labels: {written.labels_csv}")
     print("per class: " + ", ".join(f"{c}: {n}" for c, n in written.per_class.items())
-          + (f"; defect-free: {written.defect_free}" if args.format == "severstal" else ""))
-    if args.montage:
-        save_montage(args, args.montage)
-        print(f"montage: {args.montage}")
-    return 0
+          + (f"; defect-free: {written.defect_free}" if sc.format == "severstal" else ""))
+    if sc.montage:
+        save_montage(sc, sc.montage)
+        print(f"montage: {sc.montage}")
+    return cli.DONE
 
 
-def save_montage(args: argparse.Namespace, path: str) -> None:
+def save_montage(args: config.SynthConfig, path: str) -> None:
     from PIL import Image
 
     if args.format == "severstal":

@@ -8,36 +8,31 @@ The config is checked before Ray starts. The last line printed is the best check
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from steelray import cli, config
 
-from steelray import config  # noqa: E402
+EXIT_CODES = {cli.DONE: "trained; the last line names the best checkpoint",
+              cli.FAILED: "training failed (a worker error past ray.max_failures, divergence)",
+              cli.BAD_ARGUMENTS: "bad config: do not retry before fixing it"}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = cli.parser(__doc__, EXIT_CODES, config_required=True).parse_args(argv)
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = cli.load(args, config.Config)
         from steelray import train
 
         train.target_metric(cfg)
     except (config.ConfigError, FileNotFoundError) as e:
         print(f"train: {e}", file=sys.stderr)
-        return 2
+        return cli.BAD_ARGUMENTS
     result = train.fit(cfg)
     print(f"run folder: {result.run_uri}")
-    print(f"best metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in result.best_metrics.items()
-                                        if isinstance(v, float)))
+    print("best metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in result.best_metrics.items()
+                                       if isinstance(v, float)))
     print(f"best checkpoint: {result.best_checkpoint}")
-    return 0
+    return cli.DONE
 
 
 if __name__ == "__main__":

@@ -11,39 +11,36 @@ sweep folder; the last line printed is the best checkpoint's URI.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from steelray import cli, config
 
-from steelray import config  # noqa: E402
+EXIT_CODES = {cli.DONE: "swept; the last line names the best checkpoint",
+              cli.FAILED: "the sweep failed (no trial finished)",
+              cli.BAD_ARGUMENTS: "bad config or search space: do not retry before fixing it"}
 
 # Tune saves the sweep's state at most this often (seconds): what a killed sweep can lose.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML training config with an optional tune: section")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. tune.num_samples=8")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = cli.parser(__doc__, EXIT_CODES, config_required=True,
+                      config_help="YAML training config with an optional tune: section").parse_args(argv)
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = cli.load(args, config.Config)
         from steelray import train, tune
 
         train.target_metric(cfg)
         cfg = tune.with_space(cfg)
     except (config.ConfigError, FileNotFoundError) as e:
         print(f"tune: {e}", file=sys.stderr)
-        return 2
+        return cli.BAD_ARGUMENTS
     try:
         result = tune.run(cfg)
     except tune.SweepError as e:
         print(f"tune: {e}", file=sys.stderr)
-        return 1
+        return cli.FAILED
     columns = [c for c in result.trials.columns if c not in ("checkpoint", "error")]
     print(result.trials[columns].to_string(index=False))
     for row in result.trials[result.trials.status == "failed"].itertuples():
@@ -53,7 +50,7 @@ def main(argv=None) -> int:
     print(f"best {result.metric}: {result.best_value:.4g}")
     print(f"best config: {result.best_config}")
     print(f"best checkpoint: {result.best_checkpoint}")
-    return 0
+    return cli.DONE
 
 
 if __name__ == "__main__":

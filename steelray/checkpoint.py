@@ -19,7 +19,8 @@ from torch import nn
 
 from steelray import config as config_mod
 from steelray import models, storage
-from steelray.config import S3Config
+from steelray.model_io import Preprocess
+from steelray.storage import S3Config
 
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
 
@@ -40,7 +41,7 @@ def write(folder: str, model: nn.Module, meta: dict, train_state: dict | None = 
         torch.save(train_state, os.path.join(folder, STATE))
 
 
-def make_meta(cfg: config_mod.Config, classes: list[str], preprocess: models.Preprocess, *,
+def make_meta(cfg: config_mod.Config, classes: list[str], preprocess: Preprocess, *,
               thresholds: list[float] | None = None, epoch: int = 0, metrics: dict | None = None) -> dict:
     return {"format": "steelray-checkpoint/1", "task": cfg.task, "classes": list(classes),
             "thresholds": thresholds or [0.5] * models.num_outputs(cfg.task, len(classes)),

@@ -18,6 +18,9 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from steelray import storage
+from steelray.storage import S3Config
+
 Task = Literal["binary", "multilabel", "multiclass", "segmentation"]
 SECRET_MASK = "***"
 
@@ -32,19 +35,6 @@ def _f(default: Any, *, min: float | None = None, max: float | None = None, secr
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta, repr=not secret)
-
-
-@dataclass
-class S3Config:
-    """How to reach s3:// URIs. Empty fields fall back to the standard AWS environment variables
-    (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...) and profiles."""
-
-    endpoint_url: str = ""
-    region: str = ""
-    access_key_id: str = _f("", secret=True)
-    secret_access_key: str = _f("", secret=True)
-    session_token: str = _f("", secret=True)
-    anon: bool = False
 
 
 @dataclass
@@ -164,26 +154,16 @@ class ScoreConfig:
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
     actor_calls: int = _f(0, min=0)      # batches an actor takes at once: above 1, Ray Data fetches and
                                    # stitches the next batches while the model runs (the model still runs
-                                   # one batch at a time); 0: 4 on GPU, 1 on CPU (benchmarks/actor_feed.py)
+                                   # one batch at a time); 0: 4 on GPU, 1 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
-    compile: Literal["auto", True, False] = "auto"  # torch.compile the model(s) in each actor: ~20 s
-                                   # at start, then 1.1-1.7x faster (GPU and CPU); auto: when each actor
-                                   # has enough images to win that back (score.COMPILE_FROM: 50,000 on
-                                   # GPU, 2,000 on CPU). Where compiling fails, the actor warns, runs eager
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # max-autotune times
-                                   # kernel choices for every convolution: resnet50 alone on an H100 3,124
-                                   # img/s (with inductor freezing) against 2,889-2,944 default, after a
-                                   # 5-minute compile (pair it with compile_cache)
-    compile_cache: str = ""        # folder (local or s3://) for torch's compile cache, one file per model
-                                   # version, device kind and torch: actors on fresh nodes load it instead
-                                   # of compiling everything again; empty: off
+    compile: Literal["auto", True, False] = "auto"  # torch.compile the model(s) in each actor: a compile
+                                   # at start, then a faster model; auto: where each actor has enough
+                                   # images to win that back. Where compiling fails, the actor warns, runs eager
+    compile_cache: str = ""        # folder (local or s3://) for torch's compile cache, per model version,
+                                   # device kind and torch: actors on fresh nodes load it instead of
+                                   # compiling everything again; empty: off
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on
                                    # CPU; bf16-mixed: autocast; bf16: weights and inputs in bfloat16
-    decode: Literal["tasks", "actor"] = "tasks"  # where images are decoded: CPU tasks before the
-                                   # actors, or the model actors (nvJPEG on GPU; only JPEG bytes cross
-                                   # the object store and the CPU tasks only read: for GPU nodes with
-                                   # few CPUs; on 16 CPUs per H100 it was not faster, docs/benchmarks.md).
-                                   # Both check JPEG structure on the CPU first: the same error rows
     decode_batch: int = _f(32, min=1)    # images per read+decode task
     read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
     rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)
@@ -199,6 +179,51 @@ class ScoreConfig:
 @dataclass
 class ScoreJob:
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class SynthConfig:
+    """A synthetic data set (``jobs/make_data.py``): Severstal-format sheets or NEU images."""
+
+    format: Literal["severstal", "neu"] = "severstal"
+    out: str = ""                  # folder or s3:// prefix
+    n: int = _f(100, min=1)        # severstal: sheets; neu: images per class
+    seed: int = 0                  # same seed, same images
+    defect_free_share: float = _f(0.47, min=0.0, max=1.0)  # severstal: sheets without defects
+    class_freq: list[float] = _f([0.13, 0.035, 0.72, 0.115], min=0.0)  # severstal: classes 1-4 among defects
+    multi_share: float = _f(0.06, min=0.0, max=1.0)  # severstal: defective sheets with a second class
+    workers: int = _f(0, min=0)    # processes; 0: the CPU count, at most 8
+    montage: str = ""              # also a PNG montage of the first images, here
+
+
+@dataclass
+class SynthJob:
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluating a checkpoint on a labelled set (``jobs/evaluate.py``)."""
+
+    checkpoint: str = ""           # checkpoint folder or s3:// prefix
+    split: Literal["val", "all"] = "val"  # val: the training run's validation split; all: every image
+    min_recall: dict[str, float] = _f({})  # class -> recall its calibrated threshold must keep
+    robustness: bool = True        # also under glare, dimming, under-exposure, blur and noise
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = _f(32, min=1)
+    loader_workers: int = _f(0, min=0)
+    limit: int = _f(0, min=0)      # > 0: the first N images only (quick looks)
+    out: str = ""                  # report folder; empty: reports/<model>-<checkpoint folder name>
+    write_thresholds: bool = False  # store the calibrated thresholds in the checkpoint (scoring uses them)
+
+
+@dataclass
+class EvaluateJob:
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    data: dict[str, Any] = _f({})  # data.* settings of the labelled set over the checkpoint's own (empty:
+                                   # its training data); any other root means all of that set's images
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -220,8 +245,6 @@ def load(path: str | None = None, overrides: Sequence[str] = (), cls: type = Non
     """Read a YAML file (or start from defaults), apply ``key.sub=value`` overrides, validate."""
     raw: dict = {}
     if path:
-        from steelray import storage
-
         text = storage.read_text(path)
         try:
             raw = yaml.safe_load(text) or {}
@@ -263,8 +286,6 @@ def dump(cfg: Config) -> str:
 
 def save(cfg: Config, uri: str, s3: S3Config | None = None) -> str:
     """Write the (redacted) config as YAML to a local path or s3:// URI; returns the URI."""
-    from steelray import storage
-
     storage.write_text(uri, dump(cfg), s3 or cfg.s3)
     return uri
 
@@ -322,9 +343,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                               f"{', '.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)}")
         return value
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
-        return dict(value)
+        value = {str(k): v for k, v in value.items()}  # YAML reads class names 1, 2 as numbers
+        _, item_type = typing.get_args(hint)
+        if item_type in (int, float, str, bool):
+            return {k: _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
+        return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -377,6 +402,11 @@ def _is_date(text: str) -> bool:
 
 def _check_consistency(cfg: Any) -> None:
     """Rules that involve more than one field."""
+    if isinstance(cfg, SynthJob):
+        if len(cfg.synth.class_freq) != 4 or not sum(cfg.synth.class_freq) > 0:
+            raise ConfigError(f"synth.class_freq: 4 relative frequencies (classes 1-4), not all 0; "
+                              f"got {cfg.synth.class_freq}")
+        return
     if isinstance(cfg, ScoreJob):
         sc = cfg.score
         if sc.expect_size and (len(sc.expect_size) != 2 or min(sc.expect_size) < 1):

@@ -1,6 +1,7 @@
 """Evaluation of one checkpoint on a labelled set: metrics, calibrated thresholds, robustness.
 
-    ev = evaluate.run(evaluate.Options(checkpoint="runs/neu/epoch-0069", data_root="/data/neu-det"))
+    ev = evaluate.run(config.load(None, ["evaluate.checkpoint=runs/neu/epoch-0069", "data.root=/data/neu-det"],
+                                  config.EvaluateJob))
 
 The model is loaded as a plain ``nn.Module`` (no Ray) and applied to every image of the set (the
 training run's validation split by default, rebuilt from the config stored in the checkpoint);
@@ -16,15 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from steelray import checkpoint, config, data, metrics, models, presets, rle, storage
-from steelray.config import S3Config
+from steelray import checkpoint, config, data, images, metrics, model_io, rle, storage
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +38,10 @@ class EvaluationError(ValueError):
 
 
 @dataclass
-class Options:
-    checkpoint: str
-    data_root: str = ""                  # empty: the training data root stored in the checkpoint
-    split: str = "val"                   # val: the training run's validation split; all: every image
-    data_overrides: list[str] = field(default_factory=list)  # data.key=value for the labelled set
-    min_recall: dict[str, float] = field(default_factory=dict)  # class -> recall the thresholds must keep
-    robustness: bool = True
-    device: str = "auto"
-    batch_size: int = 32
-    loader_workers: int = 0
-    limit: int = 0                       # > 0: first N images (quick looks)
-    s3: S3Config = field(default_factory=S3Config)
-
-
-@dataclass
 class Evaluation:
     """Everything the report shows; ``summary()`` is the JSON-ready part."""
 
-    options: Options
+    job: config.EvaluateJob
     meta: dict
     cfg: config.Config
     classes: list[str]                   # output names (binary: the defect class alone)
@@ -82,9 +66,9 @@ class Evaluation:
     def summary(self) -> dict:
         counts = self.manifest.class_counts()
         return {
-            "checkpoint": self.options.checkpoint, "model": self.meta.get("model", {}), "task": self.task,
+            "checkpoint": self.job.evaluate.checkpoint, "model": self.meta.get("model", {}), "task": self.task,
             "classes": self.classes, "evaluated_at": self.started, "epoch": self.meta.get("epoch"),
-            "data": {"root": self.cfg.data.root, "format": self.cfg.data.format, "split": self.options.split,
+            "data": {"root": self.cfg.data.root, "format": self.cfg.data.format, "split": self.job.evaluate.split,
                      "images": len(self.manifest), "class_counts": counts},
             "metric": self.metric, "metrics": self.before, "metrics_calibrated": self.after,
             "calibration": self.calibration, "robustness": self.robustness,
@@ -92,135 +76,128 @@ class Evaluation:
         }
 
 
-def run(opts: Options) -> Evaluation:
+def run(job: config.EvaluateJob) -> Evaluation:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    meta = checkpoint.read_meta(opts.checkpoint, opts.s3)
-    cfg = labelled_set_config(meta, opts)
-    manifest = select(data.build_manifest(cfg), cfg, opts)
+    if not job.evaluate.checkpoint:
+        raise EvaluationError("evaluate.checkpoint: required (a checkpoint folder written by jobs/train.py)")
+    meta = checkpoint.read_meta(job.evaluate.checkpoint, job.s3)
+    cfg = labelled_set_config(meta, job)
+    manifest = select(data.build_manifest(cfg), cfg, job)
     task = meta["task"]
     classes = ["defect"] if task == "binary" else list(meta["classes"])
     if list(manifest.classes) != list(meta["classes"]):
         raise EvaluationError(f"{cfg.data.root}: classes {manifest.classes} differ from the checkpoint's "
                               f"{meta['classes']}")
-    unknown = sorted(set(opts.min_recall) - set(classes))
+    unknown = sorted(set(job.evaluate.min_recall) - set(classes))
     if unknown:
         raise EvaluationError(f"min recall for {', '.join(unknown)}: not a class of this model; classes: "
                               f"{', '.join(classes)}")
-    bad = {c: r for c, r in opts.min_recall.items() if not 0 < r <= 1}
+    bad = {c: r for c, r in job.evaluate.min_recall.items() if not 0 < r <= 1}
     if bad:
         raise EvaluationError(f"min recall must be in (0, 1], got {bad}")
-    model, _ = checkpoint.load_model(opts.checkpoint, opts.s3, device=device_of(opts))
+    model, _ = checkpoint.load_model(job.evaluate.checkpoint, job.s3, device=device_of(job))
     thresholds = np.asarray(meta["thresholds"], dtype=float)
-    log.info("evaluating %s on %d images (%s)", opts.checkpoint, len(manifest), manifest.summary())
+    log.info("evaluating %s on %d images (%s)", job.evaluate.checkpoint, len(manifest), manifest.summary())
     if task == "segmentation":
         min_area = np.asarray(meta.get("min_area") or [0] * len(classes))
-        stats = predict_masks(model, meta, manifest, opts)
+        stats = predict_masks(model, meta, manifest, job)
         before = metrics.segmentation_detail(stats, classes, thresholds, min_area)
-        calibration = calibrate_segmenter(stats, classes, opts.min_recall, thresholds, min_area)
+        calibration = calibrate_segmenter(stats, classes, job.evaluate.min_recall, thresholds, min_area)
         after = metrics.segmentation_detail(stats, classes, calibration["thresholds"], calibration["min_area"])
         probs = targets = None
     else:
         targets = manifest.targets(task)
-        probs = predict(model, meta, manifest, opts)
+        probs = predict(model, meta, manifest, job)
         before = metrics.classification_detail(task, probs, targets, classes, thresholds)
-        calibration = calibrate_classifier(task, probs, targets, classes, opts.min_recall, thresholds)
+        calibration = calibrate_classifier(task, probs, targets, classes, job.evaluate.min_recall, thresholds)
         after = metrics.classification_detail(task, probs, targets, classes, calibration["thresholds"])
         stats = None
-    ev = Evaluation(opts, meta, cfg, classes, manifest, probs, targets, stats, before, after, calibration, {}, started)
-    if opts.robustness:
+    ev = Evaluation(job, meta, cfg, classes, manifest, probs, targets, stats, before, after, calibration, {}, started)
+    if job.evaluate.robustness:
         ev.robustness = robustness(model, ev)
     return ev
 
 
-def labelled_set_config(meta: dict, opts: Options) -> config.Config:
-    """The checkpoint's own training config with the labelled set's root and overrides."""
+def labelled_set_config(meta: dict, job: config.EvaluateJob) -> config.Config:
+    """The checkpoint's own training config with the job's ``data.*`` settings for the labelled set
+    (another root, format options...) and its S3 settings; checked as training checks it."""
     raw = meta["config"]
     raw = {k: v for k, v in raw.items() if k in {f.name for f in config.dataclasses.fields(config.Config)}}
-    cfg = config.from_dict(raw)
-    overrides = list(opts.data_overrides)
-    if opts.data_root:
-        overrides.append(f"data.root={opts.data_root}")
-    if opts.split == "all" or opts.data_root:
-        overrides.append("data.limit=0")
-    for item in overrides:
-        if not item.startswith("data."):
-            raise EvaluationError(f"{item}: only data.* settings describe the labelled set")
-    cfg_raw = config.to_dict(cfg, redact=False)
-    cfg_raw["s3"] = config.to_dict(opts.s3, redact=False)
-    for item in overrides:
-        config._apply_override(cfg_raw, item)
+    cfg_raw = config.to_dict(config.from_dict(raw), redact=False)
+    cfg_raw["s3"] = config.to_dict(job.s3, redact=False)
+    cfg_raw["data"].update(job.data)
+    if job.evaluate.split == "all" or "root" in job.data:  # another set: all of it
+        cfg_raw["data"]["limit"] = job.data.get("limit", 0)
     return config.from_dict(cfg_raw)
 
 
-def select(manifest: data.Manifest, cfg: config.Config, opts: Options) -> data.Manifest:
-    if opts.split not in ("val", "all"):
-        raise EvaluationError(f"split: {opts.split!r} is not one of val, all")
-    if opts.split == "val":
+def select(manifest: data.Manifest, cfg: config.Config, job: config.EvaluateJob) -> data.Manifest:
+    if job.evaluate.split not in ("val", "all"):
+        raise EvaluationError(f"split: {job.evaluate.split!r} is not one of val, all")
+    if job.evaluate.split == "val":
         _, manifest = data.split(manifest, cfg.data)
-    if opts.limit:
-        manifest = manifest.subset(np.arange(min(opts.limit, len(manifest))))
+    if job.evaluate.limit:
+        manifest = manifest.subset(np.arange(min(job.evaluate.limit, len(manifest))))
     if not len(manifest):
-        raise EvaluationError(f"{cfg.data.root}: no images to evaluate ({opts.split} split)")
+        raise EvaluationError(f"{cfg.data.root}: no images to evaluate ({job.evaluate.split} split)")
     return manifest
 
 
-def device_of(opts: Options) -> str:
-    if opts.device == "auto":
+def device_of(job: config.EvaluateJob) -> str:
+    if job.evaluate.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return opts.device
+    return job.evaluate.device
 
 
 # --- applying the model -------------------------------------------------------------------------
 
 class _Images(Dataset):
-    """Images by URI, optionally perturbed (robustness), then the checkpoint's own preprocessing."""
+    """Images by URI, optionally perturbed (robustness), resized as the checkpoint says (uint8 CxHxW),
+    with their index and original size."""
 
-    def __init__(self, uris, in_chans, transform, perturb=None, s3=None):
-        self.uris, self.in_chans, self.transform, self.perturb, self.s3 = uris, in_chans, transform, perturb, s3
+    def __init__(self, uris: list[str], pre: model_io.Preprocess, perturb: str | None = None, s3=None):
+        self.uris, self.pre, self.perturb, self.s3 = uris, pre, perturb, s3
 
     def __len__(self):
         return len(self.uris)
 
     def __getitem__(self, i):
-        image = data.load_image(self.uris[i], self.in_chans, self.s3)
+        image = images.load_image(self.uris[i], self.pre.in_chans, self.s3)
         h, w = image.shape[:2]
         if self.perturb is not None:
             image = perturb_image(image, self.perturb, seed=i)
-        return presets.to_chw(self.transform(image=image)["image"]), i, h, w
-
-
-def _batches(meta: dict, manifest: data.Manifest, opts: Options, perturb: str | None):
-    pre = models.Preprocess.from_dict(meta["preprocess"])
-    ds = _Images(list(manifest.records.uri), pre.in_chans, presets.build(pre), perturb, opts.s3)
-    return DataLoader(ds, batch_size=opts.batch_size, num_workers=opts.loader_workers)
+        return model_io.to_chw(model_io.resize(image, self.pre.size)), i, h, w
 
 
 @torch.no_grad()
-def predict(model, meta: dict, manifest: data.Manifest, opts: Options, perturb: str | None = None) -> np.ndarray:
-    """Probabilities: (N,) binary, (N, C) multilabel (sigmoid) or multiclass (softmax)."""
+def sheet_probabilities(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None):
+    """``(index, height, width, probabilities)`` for each image of ``manifest`` in order, through
+    ``model_io`` as the scoring actor does it: a classifier's (C,), a segmenter's (C, h, w) at the
+    model's input size (``model_io.masks`` takes them to the sheet's size)."""
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
     device = next(model.parameters()).device
-    out = []
-    for x, _, _, _ in _batches(meta, manifest, opts, perturb):
-        logits = model(x.to(device).contiguous(memory_format=torch.channels_last)).float()
-        out.append((torch.softmax(logits, 1) if meta["task"] == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
-    probs = np.concatenate(out)
+    loader = DataLoader(_Images(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
+                        num_workers=job.evaluate.loader_workers)
+    for x, idx, hs, ws in loader:
+        probs = model_io.probabilities(model(model_io.model_input(x.to(device), pre)), meta["task"])
+        for j, i in enumerate(idx.tolist()):
+            yield i, int(hs[j]), int(ws[j]), probs[j]
+
+
+def predict(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> np.ndarray:
+    """Probabilities: (N,) binary, (N, C) multilabel (sigmoid) or multiclass (softmax)."""
+    probs = np.stack([p.cpu().numpy() for *_, p in sheet_probabilities(model, meta, manifest, job, perturb)])
     return probs[:, 0] if meta["task"] == "binary" else probs
 
 
-@torch.no_grad()
-def predict_masks(model, meta: dict, manifest: data.Manifest, opts: Options, perturb: str | None = None) -> dict:
+def predict_masks(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> dict:
     """Per (image, class): areas and overlaps at every candidate threshold, at the image's own size."""
-    device = next(model.parameters()).device
     rles = list(manifest.records.rles)
     parts = []
-    for x, idx, hs, ws in _batches(meta, manifest, opts, perturb):
-        probs = torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)).float())
-        for j, i in enumerate(idx.tolist()):
-            h, w = int(hs[j]), int(ws[j])
-            full = torch.nn.functional.interpolate(probs[j:j + 1], size=(h, w), mode="bilinear",
-                                                   align_corners=False)[0].cpu().numpy()
-            truth = np.stack([rle.decode(r, (h, w)) for r in rles[i]]).astype(bool)
-            parts.append(metrics.mask_stats(full, truth, PIXEL_THRESHOLDS))
+    for i, h, w, probs in sheet_probabilities(model, meta, manifest, job, perturb):
+        full = model_io.at_size(probs, h, w).cpu().numpy()
+        truth = np.stack([rle.decode(r, (h, w)) for r in rles[i]]).astype(bool)
+        parts.append(metrics.mask_stats(full, truth, PIXEL_THRESHOLDS))
     stats = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     stats["candidates"] = PIXEL_THRESHOLDS
     return stats
@@ -346,19 +323,19 @@ def calibrate_segmenter(stats: dict, classes: list[str], min_recall: dict[str, f
 def write_back(ev: Evaluation) -> str:
     """Store the calibrated thresholds (and minimum areas) in the checkpoint's meta.json, where the
     scoring job reads them; the previous meta.json is kept beside it as meta.before-<time>.json."""
-    uri = ev.options.checkpoint
+    uri = ev.job.evaluate.checkpoint
     meta_uri = storage.join(uri, checkpoint.META)
-    old = storage.read_text(meta_uri, ev.options.s3)
+    old = storage.read_text(meta_uri, ev.job.s3)
     stamp = ev.started.replace(":", "").replace("+0000", "Z")
-    storage.write_text(storage.join(uri, f"meta.before-{stamp}.json"), old, ev.options.s3)
+    storage.write_text(storage.join(uri, f"meta.before-{stamp}.json"), old, ev.job.s3)
     meta = json.loads(old)
     meta["thresholds"] = ev.calibration["thresholds"]
     if "min_area" in ev.calibration:
         meta["min_area"] = ev.calibration["min_area"]
-    meta["calibration"] = {"at": ev.started, "data": ev.cfg.data.root, "split": ev.options.split,
-                           "images": len(ev.manifest), "min_recall": ev.options.min_recall,
+    meta["calibration"] = {"at": ev.started, "data": ev.cfg.data.root, "split": ev.job.evaluate.split,
+                           "images": len(ev.manifest), "min_recall": ev.job.evaluate.min_recall,
                            "chosen": ev.calibration["chosen"]}
-    storage.write_text(meta_uri, json.dumps(meta, indent=1), ev.options.s3)
+    storage.write_text(meta_uri, json.dumps(meta, indent=1), ev.job.s3)
     return meta_uri
 
 
@@ -403,11 +380,11 @@ def robustness(model, ev: Evaluation) -> dict:
     for name, what in CONDITIONS.items():
         log.info("robustness: %s", name)
         if ev.task == "segmentation":
-            stats = predict_masks(model, ev.meta, ev.manifest, ev.options, perturb=name)
+            stats = predict_masks(model, ev.meta, ev.manifest, ev.job, perturb=name)
             value = metrics.segmentation_detail(stats, ev.classes, ev.calibration["thresholds"],
                                                 ev.calibration["min_area"])[ev.metric]
         else:
-            probs = predict(model, ev.meta, ev.manifest, ev.options, perturb=name)
+            probs = predict(model, ev.meta, ev.manifest, ev.job, perturb=name)
             value = metrics.classification_detail(ev.task, probs, ev.targets, ev.classes,
                                                   ev.calibration["thresholds"])[ev.metric]
         rows[name] = {"what": what, ev.metric: value, "drop": clean - value}
@@ -440,7 +417,7 @@ def weaknesses(ev: Evaluation) -> list[str]:
     small = [r["class"] for r in per_class if r["support"] < 30]
     if small:
         out.append(f"few examples in this set for {', '.join(small)} (< 30): their figures are uncertain")
-    if ev.options.split == "val":
+    if ev.job.evaluate.split == "val":
         out.append("evaluated on the training run's own validation split, which also chose the checkpoint "
                    "(and here calibrates the thresholds): expect slightly lower figures on new sheets")
     return out or ["none found on this set"]

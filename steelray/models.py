@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from steelray.config import Config, ModelConfig
-from steelray.preprocess import Preprocess  # noqa: F401  (re-exported: models.Preprocess)
+from steelray.model_io import Preprocess
 
 
 class ModelError(ValueError):

@@ -27,14 +27,17 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from steelray import rle, storage
-from steelray.config import S3Config
-from steelray.data import NEU_CLASSES, SEVERSTAL_CLASSES, SEVERSTAL_SIZE
+from steelray.storage import S3Config
+from steelray.data import NEU_CLASSES, SEVERSTAL_CLASSES
+from steelray.config import SynthConfig
+from steelray.images import SEVERSTAL_SIZE
 
 # Severstal's training set: 47% of sheets defect-free; of the defect instances, class 3 ~73%,
 # class 1 ~13%, class 4 ~11%, class 2 ~3.5%; ~6% of defective sheets carry two classes.
-DEFECT_FREE_SHARE = 0.47
-CLASS_FREQ = (0.13, 0.035, 0.72, 0.115)
-MULTI_SHARE = 0.06
+_DEFAULTS = SynthConfig()  # Severstal-like shares, said once (config.SynthConfig)
+DEFECT_FREE_SHARE = _DEFAULTS.defect_free_share
+CLASS_FREQ = tuple(_DEFAULTS.class_freq)
+MULTI_SHARE = _DEFAULTS.multi_share
 NEU_SIZE = 200
 
 

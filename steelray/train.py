@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from steelray import checkpoint, config, data, metrics, models, presets, rle, storage
+from steelray import checkpoint, config, data, images, metrics, model_io, models, presets, rle, storage
 from steelray.config import Config
 
 log = logging.getLogger(__name__)  # worker-side progress: Ray Train routes it to the console and job logs
@@ -60,14 +60,14 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
     """Train ``cfg`` on the connected Ray cluster (or a local one); returns the best checkpoint.
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     metric = target_metric(cfg)
     prepared = prepared or prepare(cfg)
     run_name = cfg.ray.run_name or f"{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = replace(cfg, ray=replace(cfg.ray, run_name=run_name))
-    storage_uri = absolute_storage(cfg.ray.storage_path)
+    storage_uri = storage.absolute(cfg.ray.storage_path)
     run_uri = storage.join(storage_uri, run_name)
     config.save(cfg, storage.join(run_uri, "config.yaml"))
     print(f"training {cfg.task} {cfg.model.name} on {len(prepared.train)} images, validating on "
@@ -75,7 +75,7 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
-    storage_path, storage_fs = ray_storage(storage_uri, cfg)
+    storage_path, storage_fs = storage.pyarrow_filesystem(storage_uri, cfg.s3)
     loop_config = {"config": config.to_dict(cfg, redact=False), "classes": prepared.classes,
                    "train": prepared.train, "val": prepared.val, "run_uri": run_uri}
     trainer = TorchTrainer(
@@ -87,7 +87,10 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order=mode(metric)),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            # Ray Train's INFO lines (a checkpoint written, each epoch) repeat the epoch line printed
+            # below; its warnings and errors (a worker lost, a restart) still show.
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     best, best_metrics = max(result.best_checkpoints or [],
@@ -114,29 +117,6 @@ def target_metric(cfg: Config) -> str:
     return metric
 
 
-def absolute_storage(path: str) -> str:
-    return path if storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def ray_storage(uri: str, cfg: Config):
-    """Ray wants a bare ``bucket/prefix`` plus a filesystem that knows the endpoint, for S3."""
-    if not storage.is_s3(uri):
-        return uri, None
-    from pyarrow import fs as pafs
-
-    opts = storage.s3_options(cfg.s3)
-    kwargs = {}
-    if "endpoint_url" in opts:
-        endpoint = opts["endpoint_url"]
-        kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
-        kwargs["scheme"] = endpoint.split("://", 1)[0] if "://" in endpoint else "https"
-    if "client_kwargs" in opts:
-        kwargs["region"] = opts["client_kwargs"]["region_name"]
-    if "key" in opts:
-        kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"), session_token=opts.get("token"))
-    return uri[len("s3://"):], pafs.S3FileSystem(**kwargs)
-
-
 def records(m: data.Manifest, task: str) -> list[dict]:
     targets = m.targets(task)
     return [{"image_id": r.image_id, "uri": r.uri, "target": t.tolist() if hasattr(t, "tolist") else t,
@@ -147,25 +127,36 @@ def records(m: data.Manifest, task: str) -> list[dict]:
 # --- data on the workers ------------------------------------------------------------------------
 
 class SheetDataset(Dataset):
-    """Images read lazily by URI, decoded and transformed in the DataLoader's processes."""
+    """Images read lazily by URI, decoded, resized (or, in training with ``input.crop``, randomly
+    cropped) and augmented in the DataLoader's processes; uint8 CxHxW out, normalised on the device
+    by ``model_io.model_input``."""
 
-    def __init__(self, records: list[dict], task: str, transform, in_chans: int, s3=None):
-        self.records, self.task, self.transform, self.in_chans, self.s3 = records, task, transform, in_chans, s3
+    def __init__(self, records: list[dict], task: str, pre: model_io.Preprocess, augment: str = "none",
+                 s3=None, train: bool = False):
+        self.records, self.task, self.pre, self.s3 = records, task, pre, s3
+        self.transform = presets.build(pre, augment) if train else None
+        self.resize = not (train and pre.crop)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        image = data.load_image(r["uri"], self.in_chans, self.s3)
+        image = images.load_image(r["uri"], self.pre.in_chans, self.s3)
+        masks = None
         if self.task == "segmentation":
             masks = np.stack([rle.decode(x, image.shape[:2]) for x in r["rles"]], axis=-1).astype(np.uint8)
-            out = self.transform(image=image, mask=masks)
-            return presets.to_chw(out["image"]), torch.from_numpy(np.ascontiguousarray(
-                out["mask"].transpose(2, 0, 1), dtype=np.float32))
-        out = self.transform(image=image)
+        if self.resize:
+            image = model_io.resize(image, self.pre.size)
+            masks = None if masks is None else model_io.resize_mask(masks, self.pre.size)
+        if self.transform is not None:
+            out = self.transform(image=image, **({} if masks is None else {"mask": masks}))
+            image, masks = out["image"], out.get("mask")
+        if masks is not None:
+            return model_io.to_chw(image), torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1),
+                                                                                 dtype=np.float32))
         dtype = torch.long if self.task == "multiclass" else torch.float32
-        return presets.to_chw(out["image"]), torch.tensor(r["target"], dtype=dtype)
+        return model_io.to_chw(image), torch.tensor(r["target"], dtype=dtype)
 
 
 class ShardedSampler(Sampler):
@@ -244,10 +235,22 @@ def lr_factor(step: int, total: int, warmup: int, cosine: bool) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class _QuietReports(logging.Filter):
+    """Drops Ray Train's INFO lines from loggers named by a file path inside Ray Train: in Ray 2.60
+    every worker logs each report ("Reporting training result ...", the whole metrics dict) that
+    way, out of reach of ``LoggingConfig``, which covers only loggers named ``ray.train...``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}train{os.sep}" not in record.name
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: typed config first, then an ordinary PyTorch loop."""
     import ray.train
     import ray.train.torch
+
+    for handler in logging.getLogger().handlers:  # set up by Ray Train before this function runs
+        handler.addFilter(_QuietReports())
 
     cfg = config.from_dict(loop_config["config"])
     classes, run_uri = loop_config["classes"], loop_config["run_uri"]
@@ -278,11 +281,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
     loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
-        SheetDataset(train_records, cfg.task, presets.build(pre, cfg.input.augment, train=True),
-                     cfg.data.in_chans, cfg.s3),
+        SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True),
         batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers,
         pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
-    val_loader = DataLoader(SheetDataset(val_records, cfg.task, presets.build(pre), cfg.data.in_chans, cfg.s3),
+    val_loader = DataLoader(SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),
                             batch_size=cfg.train.batch_size, num_workers=loader_workers)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -312,7 +314,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss, seen = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, device, bf16)
+        train_loss, seen = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, pre, device, bf16)
         elapsed = time.perf_counter() - started
         if not math.isfinite(train_loss):  # before validation, whose metrics cannot take NaN scores
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {train_loss} "
@@ -320,7 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "train_images_per_s": seen * world / elapsed, "resumed_from_epoch": resumed_from}
         if rank == 0:
-            row.update(_validate(checkpoint.unwrap(model), val_loader, loss_fn, cfg, device, bf16))
+            row.update(_validate(checkpoint.unwrap(model), val_loader, loss_fn, cfg, pre, device, bf16))
         row = _broadcast(row)
         history.append(row)
         if rank == 0:
@@ -341,14 +343,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("best %s: %.4g", metric, pick(h[metric] for h in history))
 
 
-def train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, device, bf16: bool):
+def train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, pre: model_io.Preprocess, device,
+                bf16: bool):
     model.train()
     total, seen = 0.0, 0
     accum = cfg.train.accum_steps
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x, y = model_io.model_input(x.to(device, non_blocking=True), pre), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model(x), y)
         (loss / accum).backward()
@@ -364,22 +366,18 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, devic
 
 
 @torch.no_grad()
-def _validate(model, loader, loss_fn, cfg: Config, device, bf16: bool) -> dict:
+def _validate(model, loader, loss_fn, cfg: Config, pre: model_io.Preprocess, device, bf16: bool) -> dict:
     model.eval()
     losses, outputs, targets = [], [], []
     n = 0
     for x, y in loader:
-        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+        x, y = model_io.model_input(x.to(device), pre), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         losses.append(loss_fn(logits.float(), y).item() * len(x))
         n += len(x)
-        if cfg.task == "segmentation":
-            outputs.append((torch.sigmoid(logits.float()) > 0.5).cpu().numpy())
-        elif cfg.task == "multiclass":
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        else:
-            outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs = model_io.probabilities(logits, cfg.task)
+        outputs.append((probs > 0.5 if cfg.task == "segmentation" else probs).cpu().numpy())
         targets.append(y.cpu().numpy())
     out = {"val_loss": sum(losses) / max(n, 1)}
     pred, truth = np.concatenate(outputs), np.concatenate(targets)

@@ -59,12 +59,12 @@ def run(cfg: Config) -> SweepResult:
     metric = train.target_metric(cfg)
     cfg = with_space(cfg)
     name = cfg.tune.name or f"sweep-{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = train.absolute_storage(cfg.ray.storage_path)
+    root = storage.absolute(cfg.ray.storage_path)
     sweep_uri = storage.join(root, name)
     prepared = train.prepare(cfg)
     connect(cfg)
     concurrent = max_concurrent(cfg)
-    storage_path, fs = train.ray_storage(root, cfg)
+    storage_path, fs = storage.pyarrow_filesystem(root, cfg.s3)
     params, choices = param_space(cfg.tune)
     base = {k: v for k, v in config.to_dict(cfg, redact=False).items() if k != "tune"}
     trainable = ray_tune.with_resources(
@@ -291,11 +291,7 @@ def _trial_id(path: str) -> str:
 def kept_epochs(sweep_uri: str, trial_id: str, cfg: Config) -> dict[int, str]:
     """The checkpoints a trial's Train run kept (its best epoch's), by epoch."""
     folder = storage.join(sweep_uri, "train", trial_id)
-    fs, path = storage.filesystem(folder, cfg.s3)
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return {}
+    names = storage.list_names(folder, cfg.s3)
     return {int(n[len("epoch-"):]): storage.join(folder, n) for n in names
             if n.startswith("epoch-") and n[len("epoch-"):].isdigit()}
 

@@ -10,9 +10,9 @@ import pytest
 import s3fs
 from PIL import Image
 
-from steelray import data, rle, storage, synth
+from steelray import data, images, rle, storage, synth
 from steelray.config import DataConfig
-from steelray.data import DataError
+from steelray.images import DataError
 
 
 def severstal_cfg(root, **kw) -> DataConfig:
@@ -254,7 +254,7 @@ def test_every_reader_works_on_s3(bucket, sheets, plain):
 
     csvm = data.build_manifest(csv_cfg(f"{bucket}/plain", label_separator="|"))
     assert len(csvm) == 6 and csvm.records["uri"].iloc[0] == f"{bucket}/plain/imgs/sheet0.jpg"
-    assert data.load_image(csvm.records["uri"].iloc[0]).shape == (200, 200, 1)
+    assert images.load_image(csvm.records["uri"].iloc[0]).shape == (200, 200, 1)
 
 
 def test_bad_image_on_s3_is_named(bucket, sheets):
@@ -279,7 +279,7 @@ def test_s3_folder_markers_are_not_listed_as_files(bucket):
 
 
 def test_s3_endpoint_and_keys_from_config_not_only_env(bucket, s3_endpoint, monkeypatch, sheets):
-    from steelray.config import S3Config
+    from steelray.storage import S3Config
 
     fs = s3fs.S3FileSystem()
     fs.put(str(sheets.root) + "/", f"{bucket}/sev/", recursive=True)
@@ -293,8 +293,8 @@ def test_s3_endpoint_and_keys_from_config_not_only_env(bucket, s3_endpoint, monk
 
 def test_gray_stored_as_rgb_becomes_one_channel(severstal_real):
     blob = next((severstal_real / "train_images").iterdir()).read_bytes()
-    one = data.decode_image(blob, 1)
-    three = data.decode_image(blob, 3)
+    one = images.decode_image(blob, 1)
+    three = images.decode_image(blob, 3)
     assert one.shape == (256, 1600, 1) and three.shape == (256, 1600, 3)
     assert np.abs(three[..., 0].astype(int) - one[..., 0]).max() <= 1
 
@@ -305,7 +305,7 @@ def test_one_channel_repeated_for_three():
 
     buf = io.BytesIO()
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(buf, format="PNG")
-    out = data.decode_image(buf.getvalue(), 3)
+    out = images.decode_image(buf.getvalue(), 3)
     assert out.shape == (8, 8, 3) and (out[..., 0] == out[..., 2]).all()
 
 
@@ -350,9 +350,9 @@ def test_sound_jpegs_pass_the_structure_check(sheets, request):
         pass
     for blob in blobs[:1] + blobs[-1:]:
         for name, encoded in _encodings(blob).items():
-            assert data.jpeg_structure_error(encoded) is None, name
-            data.probe_image(encoded, name)
-    assert all(data.jpeg_structure_error(b) is None for b in blobs)
+            assert images.jpeg_structure_error(encoded) is None, name
+            images.probe_image(encoded, name)
+    assert all(images.jpeg_structure_error(b) is None for b in blobs)
 
 
 def _with(blob: bytes, at: int, new: bytes) -> bytes:
@@ -373,20 +373,20 @@ def test_broken_jpeg_structure_is_named(sheets, damage, says):
     blob = damage(next(Path(sheets.images).iterdir()).read_bytes())
     assert blob[:2] == b"\xff\xd8" and blob[-2:] == b"\xff\xd9"
     with pytest.raises(DataError, match=f"sheet.jpg: (unreadable or truncated image \\(corrupt JPEG data: .*)?({says})"):
-        data.probe_image(blob, "sheet.jpg")
+        images.probe_image(blob, "sheet.jpg")
     with pytest.raises(DataError, match=says):
-        data.decode_image(blob, 1, "sheet.jpg")
+        images.decode_image(blob, 1, "sheet.jpg")
 
 
 def test_truncated_and_huge_headers_are_errors_not_crashes(sheets):
     blob = next(Path(sheets.images).iterdir()).read_bytes()
-    assert data.jpeg_structure_error(blob[:len(blob) // 2]) is None  # no end marker: the decoder says truncated
+    assert images.jpeg_structure_error(blob[:len(blob) // 2]) is None  # no end marker: the decoder says truncated
     with pytest.raises(DataError, match="truncated"):
-        data.decode_image(blob[:len(blob) // 2], 1, "half.jpg")
+        images.decode_image(blob[:len(blob) // 2], 1, "half.jpg")
     sof = blob.index(b"\xff\xc0")
     huge = _with(blob, sof + 5, b"\xfe\x21\x98\xc8")  # 65,057 x 39,112 pixels claimed
     with pytest.raises(DataError, match="huge.jpg: unreadable image .*exceeds limit"):
-        data.probe_image(huge, "huge.jpg")
+        images.probe_image(huge, "huge.jpg")
 
 
 def test_the_probe_rejects_every_jpeg_libjpeg_rejects(sheets):
@@ -401,7 +401,7 @@ def test_the_probe_rejects_every_jpeg_libjpeg_rejects(sheets):
         if _libjpeg_rejects(b):
             rejected += 1
             try:
-                data.probe_image(b)
+                images.probe_image(b)
                 missed.append(trial)
             except DataError:
                 pass

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from steelray import config, models, presets, train
+from steelray import config, model_io, models, presets, train
 from steelray.models import ModelError
 
 
@@ -79,8 +79,8 @@ def test_pretrained_without_hub_or_file_says_what_to_do(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("preset", ["strong", "robust"])
 def test_augmentation_moves_masks_with_the_image(preset):
-    pre = models.Preprocess((64, 64), (48, 48), 1, (0.5,), (0.25,))
-    pipeline = presets.build(pre, preset, train=True)
+    pre = model_io.Preprocess((64, 64), (48, 48), 1, (0.5,), (0.25,))
+    pipeline = presets.build(pre, preset)
     image = np.full((64, 64, 1), 60, np.uint8)
     mask = np.zeros((64, 64, 2), np.uint8)
     image[10:30, 5:25] = 220
@@ -95,36 +95,46 @@ def test_augmentation_moves_masks_with_the_image(preset):
 
 
 @pytest.mark.parametrize("normalize", ["dataset", "image"])
-def test_scoring_normalises_a_batch_as_training_does_one_image(normalize):
-    """Scoring normalises uint8 batches on the device; training and evaluation per image through
-    albumentations. The two must agree, or a checkpoint scores differently from how it was trained."""
+def test_model_input_normalises_as_albumentations_does(normalize):
+    """``model_io.model_input`` (training, evaluation and scoring, on the device) against
+    albumentations' Normalize on one image at a time: the standard definition, written elsewhere."""
+    import albumentations as A
     import torch
 
-    pre = models.Preprocess((40, 56), None, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), normalize)
+    pre = model_io.Preprocess((40, 56), None, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), normalize)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     images[1] = images[1] // 4 + 100  # a dim, low-contrast one
-    batch = presets.normalize_batch(torch.from_numpy(images).permute(0, 3, 1, 2), pre).numpy()
-    one_by_one = np.stack([presets.to_chw(presets.build(pre)(image=im)["image"]) for im in images])
+    reference = (A.Normalize(normalization="image") if normalize == "image"
+                 else A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0))
+    batch = model_io.model_input(torch.from_numpy(images).permute(0, 3, 1, 2), pre).numpy()
+    one_by_one = np.stack([reference(image=im)["image"].transpose(2, 0, 1) for im in images])
     assert np.allclose(batch, one_by_one, atol=1e-5)
     if normalize == "image":  # each image comes out at zero mean and unit std, whatever its lighting
         assert np.allclose(batch.mean(axis=(1, 2, 3)), 0, atol=1e-4) and np.allclose(batch.std(axis=(1, 2, 3)), 1, atol=1e-3)
 
 
 def test_image_normalisation_removes_a_brightness_and_contrast_change():
-    pre = models.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "image")
+
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "image")
     image = np.random.default_rng(1).integers(60, 180, (32, 32, 1), dtype=np.uint8)
     darker = (image.astype(np.float32) * 0.7 + 20).round().astype(np.uint8)  # no clipping: exact up to rounding
-    a, b = (presets.build(pre)(image=im)["image"] for im in (image, darker))
+    a, b = (model_io.model_input(model_io.to_chw(im)[None], pre).numpy() for im in (image, darker))
     assert np.abs(a - b).max() < 0.05
-    assert models.Preprocess.from_dict({k: v for k, v in pre.to_dict().items() if k != "normalize"}).normalize == "dataset"
-    assert models.Preprocess.from_dict(pre.to_dict()) == pre
+    assert model_io.Preprocess.from_dict({k: v for k, v in pre.to_dict().items() if k != "normalize"}).normalize == "dataset"
+    assert model_io.Preprocess.from_dict(pre.to_dict()) == pre
 
 
-def test_eval_pipeline_only_resizes_and_normalises():
-    pre = models.Preprocess((32, 64), None, 1, (0.5,), (0.25,))
-    out = presets.build(pre)(image=np.full((64, 128, 1), 255, np.uint8))["image"]
-    assert out.shape == (32, 64, 1) and np.allclose(out, (1 - 0.5) / 0.25)
+def test_resize_then_model_input():
+    import cv2
+
+    pre = model_io.Preprocess((32, 64), None, 1, (0.5,), (0.25,))
+    image = np.random.default_rng(2).integers(0, 256, (64, 128, 1), dtype=np.uint8)
+    small = model_io.resize(image, pre.size)
+    assert small.shape == (32, 64, 1) and small.dtype == np.uint8
+    assert (small[..., 0] == cv2.resize(image, (64, 32), interpolation=cv2.INTER_LINEAR)).all()
+    x = model_io.model_input(model_io.to_chw(np.full((32, 64, 1), 255, np.uint8))[None], pre)
+    assert x.shape == (1, 1, 32, 64) and np.allclose(x.numpy(), (1 - 0.5) / 0.25)
 
 
 def test_warmup_then_cosine():

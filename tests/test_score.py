@@ -24,7 +24,15 @@ import pytest
 import torch
 from PIL import Image
 
-from steelray import checkpoint, config, data, models, rle, score, storage
+from steelray import checkpoint, config, data, images, model_io, models, rle, storage
+from steelray.scoring import job as scoring_job
+from steelray.scoring.actor import ActorSettings, Scorer
+from steelray.scoring.compiled import CompiledModel, use_compile
+from steelray.scoring.decode import read_and_decode
+from steelray.scoring.inputs import list_inputs
+from steelray.scoring.output import (ParquetSink, check_family, drop_rows, open_output, read_output,
+                                     remove_stale_temporaries, rows_for)
+from steelray.scoring.plan import CLASSES_KEY, ScoreError, describe, file_tag, make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 320)   # model input for the tests' checkpoints: sheets are resized 4x / 5x down
@@ -46,8 +54,8 @@ def direct(ckpt: str, image_bytes: bytes) -> torch.Tensor:
     import cv2
 
     model, meta = checkpoint.load_model(ckpt)
-    pre = models.Preprocess.from_dict(meta["preprocess"])
-    img = data.decode_image(image_bytes, pre.in_chans)
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
+    img = images.decode_image(image_bytes, pre.in_chans)
     img = cv2.resize(img, (pre.size[1], pre.size[0]), interpolation=cv2.INTER_LINEAR).reshape(*pre.size, -1)
     x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - torch.tensor(pre.mean).view(1, -1, 1, 1)) \
         / torch.tensor(pre.std).view(1, -1, 1, 1)
@@ -107,7 +115,7 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
     files = put_inputs(sheets, f"{bucket}/incoming")
     out = f"{bucket}/predictions"
     # actor_calls=4, the GPU default: the actor takes batches while the model runs on another
-    summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+    summary = scoring_job.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
                             f"score.output={out}", "score.actor_calls=4"))
     assert (summary.inputs, summary.scored, summary.errored, summary.skipped) == (9, 5, 4, 0)
     df = read(out)
@@ -125,7 +133,7 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
         np.testing.assert_allclose(got, expected, atol=1e-4)
         assert list(row.labels) == [c for c, p in zip(CLASSES, expected) if p >= 0.5]
         assert row.any_defect == bool(len(row.labels))
-    assert (df.checkpoint == score.describe(ckpts["multilabel"]).digest).all() and (df.model == "resnet10t").all()
+    assert (df.checkpoint == describe(ckpts["multilabel"]).digest).all() and (df.model == "resnet10t").all()
     fs, path = storage.filesystem(out)
 
     def predictions() -> list[str]:
@@ -133,14 +141,14 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
 
     files_before = predictions()
 
-    again = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+    again = scoring_job.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
                           f"score.output={out}", "score.run_date=2026-11-23"))
     assert (again.scored, again.errored, again.skipped) == (0, 0, 9)
     fs.invalidate_cache()
     assert predictions() == files_before and len(read(out)) == 9
 
     storage.write_bytes(f"{bucket}/incoming/late.jpg", files[sorted(files)[0]])  # one more sheet arrives
-    late = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+    late = scoring_job.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
                          f"score.output={out}", "score.run_date=2026-11-23"))
     assert (late.scored, late.skipped) == (1, 9)
     df = read(out)
@@ -165,7 +173,7 @@ def test_transient_s3_errors_are_retried_and_a_lasting_one_becomes_an_error_row(
     prefix = "incoming/"  # keys as the proxy sees them (bucket in the path, not the key)
     flaky_s3.fail.update({prefix + names[1]: 2, prefix + names[2]: 10**6})
     out = f"{bucket}/out"  # through the proxy too: the retried sheet's error row is rewritten on S3
-    summary = score.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
+    summary = scoring_job.run(job(f"score.input={bucket}/incoming/", f"score.checkpoint={ckpts['multilabel']}",
                             f"score.output={out}", "score.retries=3",
                             f"s3.endpoint_url={flaky_s3.endpoint}"))
     assert (summary.scored, summary.errored) == (2, 1), flaky_s3.seen
@@ -206,13 +214,14 @@ def seg_scored(ray_local, tmp_path_factory, sheets, ckpts):
     test adds a second model version there."""
     root = tmp_path_factory.mktemp("seg-scored")
     files = put_inputs(sheets, str(root / "in"), n=3)
-    summary = score.run(job(f"score.input={root / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
+    summary = scoring_job.run(job(f"score.input={root / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
                             f"score.output={root / 'out'}"))
     return root, files, summary
 
 
-def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(seg_scored, ckpts):
+def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_ones(seg_scored, ckpts, load_job):
     tmp_path, files, summary = seg_scored
+    kaggle_rows = load_job("export_kaggle").kaggle_rows
     seg = ckpts["segmenter"]
     assert (summary.scored, summary.errored) == (3, 4)
     df = read(str(tmp_path / "out"))
@@ -233,7 +242,7 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
         assert list(row.labels) == [c for c in CLASSES if getattr(row, f"area_{c}") > 0]
     assert 0 < min(a for a in areas if a) < max(areas), "the test needs masks of several sizes"
 
-    rows, left_out = score.kaggle_rows(score.read_output(str(tmp_path / "out")))
+    rows, left_out = kaggle_rows(read_output(str(tmp_path / "out")))
     assert left_out == 4 and len(rows) == 3 * 4
 
     assert {(r[0], r[1]) for r in rows} == {(i, c) for i in df[df.error.isna()].image_id for c in CLASSES}
@@ -243,7 +252,7 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
     cut = sorted(a for a in areas if a)[len([a for a in areas if a]) // 2]
     other = job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={seg}", f"score.output={tmp_path / 'out'}",
                 f"score.min_area=[{cut},{cut},{cut},{cut}]")
-    summary2 = score.run(other)
+    summary2 = scoring_job.run(other)
     assert (summary2.scored, summary2.errored, summary2.skipped) == (3, 4, 0)
     assert summary2.checkpoint != summary.checkpoint
     both = read(str(tmp_path / "out"))
@@ -253,10 +262,10 @@ def test_segmenter_rle_decodes_to_the_predicted_masks_and_min_area_drops_small_o
         for cls in CLASSES:
             before = getattr(row, f"area_{cls}")
             assert df2.loc[row.image_id, f"area_{cls}"] == (before if before >= cut else 0)
-    assert score.run(other).skipped == 7   # and that version's rerun adds nothing
+    assert scoring_job.run(other).skipped == 7   # and that version's rerun adds nothing
 
-    with pytest.raises(score.ScoreError, match="2 model versions"):
-        score.kaggle_rows(score.read_output(str(tmp_path / "out")))
+    with pytest.raises(ScoreError, match="2 model versions"):
+        kaggle_rows(read_output(str(tmp_path / "out")))
     csv_path = tmp_path / "submission.csv"
     done = subprocess.run([sys.executable, "jobs/export_kaggle.py", "--output", str(tmp_path / "out"),
                            "--checkpoint", summary2.checkpoint, "--to", str(csv_path)],
@@ -303,19 +312,19 @@ def test_output_files_are_named_by_model_version_and_images(tmp_path):
         return pa.table({"source_uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "checkpoint": [version] * 2,
                          "prob_1": [prob, prob]})
 
-    sink = score.ParquetSink(str(tmp_path), None, rows_per_file=10, retries=0)
+    sink = ParquetSink(str(tmp_path), None, rows_per_file=10, retries=0)
     first = sink.write([table("v1", 0.1)], None)["files"]
     assert sink.write([table("v1", 0.2)], None)["files"] == first           # a retried write replaces its file
     assert sink.write([table("v2", 0.3)], None)["files"] != first           # another model's rows sit beside it
     got = pq.read_table(tmp_path).to_pandas()
     assert sorted(zip(got.checkpoint, got.prob_1)) == [("v1", 0.2), ("v1", 0.2), ("v2", 0.3), ("v2", 0.3)]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
-    assert first[0].startswith("part-v1-") and score.file_tag("ab12>cd34") == "ab12_cd34"
+    assert first[0].startswith("part-v1-") and file_tag("ab12>cd34") == "ab12_cd34"
     # A killed v1 job's unfinished file is removed by the next v1 job; a v2 job writing beside it
     # keeps its own (each version's job holds its own lock).
     for version in ("v1", "v2"):
         (tmp_path / f".part-{version}-0123.parquet.99.tmp").write_bytes(b"half a file")
-    assert score._remove_stale_temporaries(str(tmp_path), "v1") == 1
+    assert remove_stale_temporaries(str(tmp_path), "v1") == 1
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == [".part-v2-0123.parquet.99.tmp"]
 
 
@@ -328,7 +337,7 @@ def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(t
         if name:
             pq.write_table(table, tmp_path / f"run_date={run_date}" / name)
         else:
-            score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)
+            ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)
 
     write("2026-11-21", v1, ["a", "b", "c"])
     write("2026-11-22", v1, ["d"])
@@ -336,13 +345,15 @@ def test_what_is_done_is_read_from_this_versions_files_and_only_for_the_inputs(t
     write("2026-11-22", v1, ["e"], name="part-0.parquet")                  # not named by ParquetSink: read
     write("2026-11-22", v1, ["x"], name=f"part-{v2}-0123456789abcdef.parquet")  # named for v2: not opened
 
-    def done(**kw) -> list[str]:
-        return sorted(score.done_uris(str(tmp_path), v1, None, **kw).column("source_uri").to_pylist())
+    def done(uris: list[str], version: str = v1) -> list[str]:
+        return sorted(rows_for(open_output(str(tmp_path), None), str(tmp_path), version, uris, None)
+                      .column("source_uri").to_pylist())
 
-    assert done() == [f"s3://p/{n}.jpg" for n in "abcde"]
-    assert done(uris=["s3://p/a.jpg", "s3://p/d.jpg", "s3://p/z.jpg", "s3://p/a.jpg"]) == ["s3://p/a.jpg", "s3://p/d.jpg"]
-    assert done(uris=[]) == []
-    assert sorted(score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/b.jpg"]
+    every = [f"s3://p/{n}.jpg" for n in "abcdexz"]
+    assert done(every) == [f"s3://p/{n}.jpg" for n in "abcde"]
+    assert done(["s3://p/a.jpg", "s3://p/d.jpg", "s3://p/z.jpg", "s3://p/a.jpg"]) == ["s3://p/a.jpg", "s3://p/d.jpg"]
+    assert done([]) == []
+    assert done(every, v2) == ["s3://p/a.jpg", "s3://p/b.jpg"]
 
 
 def test_a_file_of_another_family_is_found_behind_the_first_file(tmp_path):
@@ -351,16 +362,16 @@ def test_a_file_of_another_family_is_found_behind_the_first_file(tmp_path):
     def write(run_date: str, version: str, prob: str):
         table = pa.table({"source_uri": [f"s3://p/{version}.jpg"], "checkpoint": [version], prob: [0.5],
                           "error": pa.array([None], pa.string())})
-        return score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)["files"][0]
+        return ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0).write([table], None)["files"][0]
 
     v1, v2 = "0123456789abcdef", "fedcba9876543210"
     write("2026-11-21", v1, "prob_1")
     ours = pa.schema([("source_uri", pa.string()), ("checkpoint", pa.string()), ("prob_1", pa.float64()),
                       ("error", pa.string())])
-    assert score.done_uris(str(tmp_path), v1, None, ours).num_rows == 1
+    check_family(open_output(str(tmp_path), None), str(tmp_path), ours)
     other = write("2026-11-22", v2, "prob_crazing")
-    with pytest.raises(score.ScoreError, match="holds predictions of another model family") as e:
-        score.done_uris(str(tmp_path), v1, None, ours)
+    with pytest.raises(ScoreError, match="holds predictions of another model family") as e:
+        check_family(open_output(str(tmp_path), None), str(tmp_path), ours)
     assert other in str(e.value) and "columns this job would add: ['prob_1']" in str(e.value), e.value
 
 
@@ -368,8 +379,8 @@ def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_ima
     """What --retry-errors does before scoring. A job killed right after it leaves those images out of
     the done set (missing, not twice), so its rerun scores them like new ones."""
     v1, v2 = "0123456789abcdef", "fedcba9876543210"
-    sink = lambda run_date: score.ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0)  # noqa: E731
-    meta = {score.CLASSES_KEY: b'["1","2","3","4"]'}
+    sink = lambda run_date: ParquetSink(str(tmp_path / f"run_date={run_date}"), None, 10, 0)  # noqa: E731
+    meta = {CLASSES_KEY: b'["1","2","3","4"]'}
     old = pa.table({"source_uri": ["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/c.jpg"], "checkpoint": [v1] * 3,
                     "error": ["s3://p/a.jpg: read failed", None, "s3://p/c.jpg: truncated"]}).replace_schema_metadata(meta)
     kept_file = sink("2026-11-21").write([old], None)["files"][0]
@@ -377,18 +388,19 @@ def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_ima
                                                     "error": ["s3://p/d.jpg: read failed"]})], None)["files"][0]
     sink("2026-11-22").write([pa.table({"source_uri": ["s3://p/a.jpg"], "checkpoint": [v2],
                                         "error": ["s3://p/a.jpg: read failed"]})], None)
-    rows = score.done_uris(str(tmp_path), v1, None, uris=["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/d.jpg"], files=True)
+    rows = rows_for(open_output(str(tmp_path), None), str(tmp_path), v1, ["s3://p/a.jpg", "s3://p/b.jpg", "s3://p/d.jpg"],
+                    None)
     failed = rows.filter(pc.is_valid(rows.column("error")))
     assert sorted(failed.column("source_uri").to_pylist()) == ["s3://p/a.jpg", "s3://p/d.jpg"]
 
-    assert score.drop_rows(str(tmp_path), v1, None, failed, retries=0) == 2
+    assert drop_rows(v1, failed, None, retries=0) == 2
     kept = pq.read_table(tmp_path / "run_date=2026-11-21" / kept_file)     # same name, rewritten whole
     assert kept.column("source_uri").to_pylist() == ["s3://p/b.jpg", "s3://p/c.jpg"]   # c: not asked for
-    assert kept.schema.metadata[score.CLASSES_KEY] == meta[score.CLASSES_KEY]
+    assert kept.schema.metadata[CLASSES_KEY] == meta[CLASSES_KEY]
     assert not (tmp_path / "run_date=2026-11-22" / gone_file).exists()     # nothing left in it: deleted
-    assert sorted(score.done_uris(str(tmp_path), v1, None).column("source_uri").to_pylist()) == [
-        "s3://p/b.jpg", "s3://p/c.jpg"]
-    assert score.done_uris(str(tmp_path), v2, None).column("source_uri").to_pylist() == ["s3://p/a.jpg"]
+    left = read_output(str(tmp_path)).to_pandas()
+    assert sorted(left[left.checkpoint == v1].source_uri) == ["s3://p/b.jpg", "s3://p/c.jpg"]
+    assert left[left.checkpoint == v2].source_uri.tolist() == ["s3://p/a.jpg"]
     assert not [f for f in os.listdir(tmp_path / "run_date=2026-11-21") if f.startswith(".")]
 
 
@@ -401,18 +413,18 @@ def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, c
                       and n not in BAD_MESSAGES])
     gate = make_checkpoint(tmp_path / "gate", "multilabel", "resnet10t", seed=3,
                            thresholds=[float(np.sort(probs[:, c])[-2:].mean()) for c in range(4)])
-    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}",
+    summary = scoring_job.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}",
                             f"score.segmenter={ckpts['segmenter']}", f"score.output={tmp_path / 'out'}"))
     df = read(str(tmp_path / "out"))
     good = df[df.error.isna()]
     assert len(df) == 10 and len(good) == 6
     assert summary.gate_skipped == int((~good.flagged.astype(bool)).sum())
-    score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
+    scoring_job.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['segmenter']}",
                   f"score.output={tmp_path / 'seg'}"))
     plain = read(str(tmp_path / "seg")).set_index("image_id")
     for row in good.itertuples():
         gate_probs = [getattr(row, f"gate_prob_{c}") for c in CLASSES]
-        passes = [p >= t for p, t in zip(gate_probs, score.describe(gate).thresholds)]
+        passes = [p >= t for p, t in zip(gate_probs, describe(gate).thresholds)]
         assert row.flagged == any(passes)
         for c, cls in enumerate(CLASSES):
             if row.flagged and passes[c]:
@@ -424,8 +436,8 @@ def test_cascade_segments_only_the_flagged_sheets(ray_local, tmp_path, sheets, c
     assert 2 <= summary.gate_skipped < 6
     assert (df.model == "resnet10t > unet-resnet18").all()
     # the gate alone writes other columns (no masks): not into this output, where pandas would drop them
-    with pytest.raises(score.ScoreError, match="holds predictions of another model family") as e:
-        score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}", f"score.output={tmp_path / 'out'}"))
+    with pytest.raises(ScoreError, match="holds predictions of another model family") as e:
+        scoring_job.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={gate}", f"score.output={tmp_path / 'out'}"))
     assert "columns it would lack: ['gate_prob_1'" in str(e.value) and str(tmp_path / "out") in str(e.value)
     assert len(read(str(tmp_path / "out"))) == 10
 
@@ -435,7 +447,7 @@ def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, t
     good = sorted(n for n in files if n not in BAD_MESSAGES)
     manifest = tmp_path / "in" / "tonight.txt"
     manifest.write_text(f"# tonight's sheets\n{good[0]}\n{good[1]}\n{good[0]}\nmissing.jpg\n")
-    summary = score.run(job(f"score.input={manifest}", f"score.checkpoint={ckpts['multilabel']}",
+    summary = scoring_job.run(job(f"score.input={manifest}", f"score.checkpoint={ckpts['multilabel']}",
                             f"score.output={tmp_path / 'out'}"))
     assert (summary.inputs, summary.scored, summary.errored) == (3, 2, 1)
     df = read(str(tmp_path / "out"))
@@ -446,15 +458,15 @@ def test_manifest_with_relative_paths_duplicates_and_a_missing_file(ray_local, t
 def test_one_image_as_the_input_and_inputs_that_are_none_of_the_kinds(tmp_path, bucket):
     (tmp_path / "sheet.jpg").write_bytes(b"\xff\xd8 a sheet")
     storage.write_bytes(f"{bucket}/in/sheet 2.jpg", b"\xff\xd8 another")
-    inputs = lambda src: score.list_inputs(job(f"score.input={src}").score, None)  # noqa: E731
+    inputs = lambda src: list_inputs(job(f"score.input={src}").score, None)  # noqa: E731
     assert inputs(tmp_path / "sheet.jpg") == [("sheet.jpg", str(tmp_path / "sheet.jpg"))]
     assert inputs(f"{bucket}/in/sheet 2.jpg") == [("sheet 2.jpg", f"{bucket}/in/sheet 2.jpg")]
-    with pytest.raises(score.ScoreError, match=r"nope.jpg: no such folder, prefix, manifest \(.txt, .csv\) or image"):
+    with pytest.raises(ScoreError, match=r"nope.jpg: no such folder, prefix, manifest \(.txt, .csv\) or image"):
         inputs(tmp_path / "nope.jpg")
     (tmp_path / "tonight.lst").write_text("sheet.jpg\n")  # a manifest by another name: still one
     assert inputs(tmp_path / "tonight.lst") == [("sheet.jpg", str(tmp_path / "sheet.jpg"))]
     (tmp_path / "list.txt").write_bytes(b"\xff\xd8 a JPEG named list.txt")
-    with pytest.raises(score.ScoreError, match="list.txt: a manifest must be UTF-8 text; byte 0 is not"):
+    with pytest.raises(ScoreError, match="list.txt: a manifest must be UTF-8 text; byte 0 is not"):
         inputs(tmp_path / "list.txt")
 
 
@@ -494,7 +506,7 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
     assert 0 < len(at_kill) < 16, "the job finished before it was killed: make it slower"
     assert at_kill.source_uri.is_unique
 
-    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}",
+    summary = scoring_job.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpt}", f"score.output={out}",
                             "score.rows_per_file=4"))
     df = read(str(out))
     assert len(df) == 16 and df.source_uri.is_unique and df.error.isna().all()
@@ -506,11 +518,11 @@ def test_killed_job_rerun_completes_without_duplicates_or_partial_files(ray_loca
 def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(tmp_path, sheets, ckpts,
                                                                                load_job, capsys):
     """Two jobs at once would both score every image: the second stops (exit 3), naming the first."""
-    from steelray.runlock import RunLock
+    from steelray.scoring.lock import RunLock
 
     put_inputs(sheets, str(tmp_path / "in"), n=1)
     ckpt, out = ckpts["multilabel"], str(tmp_path / "out")
-    with RunLock(out, score.file_tag(score.describe(ckpt).digest), what="the nightly job"):
+    with RunLock(out, file_tag(describe(ckpt).digest), what="the nightly job"):
         code = load_job("score").main(["--input", str(tmp_path / "in"), "--checkpoint", ckpt, "--output", out])
     assert code == 3 and re.search(r"another scoring job with this model is writing this output \(host .*, "
                                    r"pid .*, the nightly job, since", capsys.readouterr().err)
@@ -520,7 +532,7 @@ def test_a_second_job_on_the_same_output_and_model_is_refused_before_it_scores(t
 def decoded_batch(sheets, plan, n=8) -> dict:
     names = sorted(os.listdir(sheets.images))[:n]
     uris = np.array([os.path.join(sheets.images, n) for n in names], dtype=object)
-    return score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+    return read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
                                  expect_size=plan.expect_size, s3=None, retries=0, threads=4)
 
 
@@ -539,10 +551,10 @@ def assert_rows_agree(got: pd.DataFrame, want: pd.DataFrame) -> None:
 def test_scorer_in_bfloat16_matches_fp32(sheets, ckpts):
     """score.precision=bf16 (weights and inputs in bfloat16, no autocast) against fp32, on CPU."""
     for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
-        plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+        plan = make_plan(job(f"score.checkpoint={ckpt}").score, None)
         batch = decoded_batch(sheets, plan, 4)
-        fp32 = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
-        bf16 = score.Scorer(plan, None, "cpu", 0, precision="bf16")
+        fp32 = Scorer(plan, ActorSettings())(batch).to_pandas()
+        bf16 = Scorer(plan, ActorSettings(precision="bf16"))
         assert {p.dtype for m in bf16.models.values() for p in m.parameters()} == {torch.bfloat16}
         assert_rows_agree(bf16(batch).to_pandas(), fp32)
 
@@ -554,79 +566,32 @@ def corrupt_middle(jpeg: bytes) -> bytes:
     return bytes(blob)
 
 
-def probed_batch(uris: list[str], plan) -> dict:
-    ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
-    return score.read_and_probe({"image_id": ids, "source_uri": uris}, expect_size=plan.expect_size, s3=None,
-                                retries=0, threads=4)
-
-
-def scored_both_ways(plan, uris: list[str], device: str = "cpu", past_the_probe: str = "",
-                     **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The same files scored after the decode tasks (fp32, CPU) and decoded in the actor on ``device``.
-    The file named ``past_the_probe`` reaches the actor though the probe refused it, as a file the
-    actor's decoder rejects when the probe did not would."""
-    ids, uris = np.array([os.path.basename(u) for u in uris], dtype=object), np.array(uris, dtype=object)
-    decoded = score.read_and_decode({"image_id": ids, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
-                                    expect_size=plan.expect_size, s3=None, retries=0, threads=4)
-    tasks = score.Scorer(plan, None, "cpu", 0)(decoded).to_pandas()
-    probed = probed_batch(list(uris), plan)
-    for i in np.flatnonzero(ids == past_the_probe):
-        assert probed["error"][i]
-        probed["error"][i], probed["blob"][i] = "", open(uris[i], "rb").read()
-    actor = score.Scorer(plan, None, device, 0, decode=True, **kw)(probed).to_pandas()
-    return tasks, actor
-
-
-def test_actor_decoding_gives_the_decode_tasks_rows_and_errors(tmp_path, sheets, ckpts):
-    """score.decode=actor (torchvision's decoder in the actor; nvJPEG on GPU) against the decode
-    tasks, on good sheets and the four bad files, for a classifier and a segmenter; a cascade whose
-    gate is also a segmenter-sized input covers two model inputs per image."""
-    files = put_inputs(sheets, str(tmp_path / "in"), n=4)
-    png = io.BytesIO()
-    Image.open(io.BytesIO(files[sorted(files)[0]])).save(png, format="PNG")  # not a JPEG: the CPU decoder
-    files["png.png"] = png.getvalue()
-    files["corrupt.jpg"] = corrupt_middle(files[sorted(files)[0]])  # the probe finds it broken
+def test_the_decode_tasks_name_what_is_wrong_with_each_file(tmp_path, sheets, ckpts):
+    """A PNG is scored like a JPEG; a JPEG with noise in its data (its structure broken), a 12-bit
+    JPEG and a 16-bit camera PNG are error rows naming the file and what is wrong."""
+    files = put_inputs(sheets, str(tmp_path / "in"), n=2)
     first = files[sorted(files)[0]]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(first)).save(png, format="PNG")
     sof = first.index(b"\xff\xc0")
-    files["bits12.jpg"] = first[:sof + 4] + b"\x0c" + first[sof + 5:]  # 12-bit: fails the batched call
     deep = io.BytesIO()
     Image.fromarray(np.full((256, 1600), 3000, np.uint16)).save(deep, format="PNG")  # a 16-bit camera's
-    files["deep16.png"] = deep.getvalue()
-    for name in ("png.png", "corrupt.jpg", "bits12.jpg", "deep16.png"):
-        (tmp_path / "in" / name).write_bytes(files[name])
-    uris = [str(tmp_path / "in" / name) for name in sorted(files)]
-    big = make_checkpoint(tmp_path / "big", "multilabel", "resnet10t", size=(128, 640))
-    for tol, overrides in [(1e-5, [f"score.checkpoint={ckpts['multilabel']}"]),
-                           (1e-5, [f"score.checkpoint={ckpts['segmenter']}"]),
-                           (5e-3, [f"score.checkpoint={big}", f"score.segmenter={ckpts['segmenter']}"])]:
-        plan = score.make_plan(job(*overrides).score, None)
-        tasks, actor = scored_both_ways(plan, uris, past_the_probe="bits12.jpg")
-        assert list(actor.error.fillna("")) == list(tasks.error.fillna("")), overrides
-        assert actor.error.notna().sum() == 7 and "png.png" in set(actor[actor.error.isna()].image_id)
-        errors = actor.set_index("image_id").error
-        assert "corrupt.jpg: unreadable or truncated image (corrupt JPEG data" in errors["corrupt.jpg"]
-        assert "bits12.jpg: not an image" in errors["bits12.jpg"]  # named by the CPU decoder after the batch failed
-        assert "deep16.png: 16-bit greyscale PNG (mode I;16): the models take 8-bit images" in errors["deep16.png"]
-        good = tasks.error.isna()
-        probs = [c for c in tasks.columns if "prob_" in c]
-        # same decoded pixels; resized alike at 1600/320 (5x), within a grey level at 1600/640 (2.5x)
-        np.testing.assert_allclose(actor[good][probs].to_numpy(float), tasks[good][probs].to_numpy(float), atol=tol)
-        assert_rows_agree(actor[good], tasks[good])
-
-
-def test_actor_decoding_through_the_pipeline(ray_local, tmp_path, sheets, ckpts):
-    """score.decode=actor on a local Ray: the JPEG bytes cross Ray Data as a binary column; every
-    input once, bad files named, probabilities those of the model applied directly."""
-    files = put_inputs(sheets, str(tmp_path / "in"), n=3)
-    summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['multilabel']}",
-                            f"score.output={tmp_path / 'out'}", "score.decode=actor"))
-    assert (summary.inputs, summary.scored, summary.errored) == (7, 3, 4)
-    df = read(str(tmp_path / "out")).set_index("image_id")
-    for name, message in BAD_MESSAGES.items():
-        assert message in df.loc[name, "error"] and name in df.loc[name, "error"]
-    for name in (n for n in files if n not in BAD_MESSAGES):
-        got = df.loc[name, ["prob_1", "prob_2", "prob_3", "prob_4"]].to_numpy(float)
-        np.testing.assert_allclose(got, direct(ckpts["multilabel"], files[name]).numpy(), atol=1e-4)
+    extra = {"png.png": png.getvalue(), "corrupt.jpg": corrupt_middle(first),
+             "bits12.jpg": first[:sof + 4] + b"\x0c" + first[sof + 5:], "deep16.png": deep.getvalue()}
+    for name, blob in extra.items():
+        (tmp_path / "in" / name).write_bytes(blob)
+    plan = make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    uris = np.array(sorted(str(p) for p in (tmp_path / "in").iterdir()), dtype=object)
+    ids = np.array([os.path.basename(u) for u in uris], dtype=object)
+    batch = read_and_decode({"image_id": ids, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+                            expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+    errors = dict(zip(ids, batch["error"]))
+    assert errors["png.png"] == "" and sum(1 for e in errors.values() if e) == 7
+    assert "corrupt.jpg: unreadable or truncated image (corrupt JPEG data" in errors["corrupt.jpg"]
+    assert "bits12.jpg: not an image" in errors["bits12.jpg"] or "bits12.jpg: unreadable" in errors["bits12.jpg"]
+    assert "deep16.png: 16-bit greyscale PNG (mode I;16): the models take 8-bit images" in errors["deep16.png"]
+    png_row, jpeg_row = list(ids).index("png.png"), list(ids).index(sorted(files)[0])
+    assert (batch["image_0"][png_row] == batch["image_0"][jpeg_row]).all()  # the same pixels, however stored
 
 
 def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
@@ -635,9 +600,9 @@ def test_a_compiled_actor_compiles_once_for_short_batches_too(sheets, ckpts):
     10-30 s on CPU), and the rows match the eager model's."""
     from torch._dynamo.utils import counters
 
-    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    plan = make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
     full = decoded_batch(sheets, plan, 4)
-    eager, compiled = score.Scorer(plan, None, "cpu", 0), score.Scorer(plan, None, "cpu", 0, compile=True, batch=4)
+    eager, compiled = Scorer(plan, ActorSettings()), Scorer(plan, ActorSettings(compile=True, batch=4))
     short = {k: v[:3] for k, v in full.items()}
     one_bad = dict(full, error=np.array(["", "x.jpg: broken", "", ""], dtype=object))
     torch._dynamo.reset()
@@ -666,13 +631,13 @@ class OutOfMemoryAbove(torch.nn.Module):
 
 
 def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets, ckpts, caplog):
-    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    plan = make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
     batch, uri = decoded_batch(sheets, plan, 8), plan.primary.uri
-    want = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
+    want = Scorer(plan, ActorSettings())(batch).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
-    scorer = score.Scorer(plan, None, "cpu", 0)
-    tight = scorer.models[uri] = scorer.eager[uri] = OutOfMemoryAbove(scorer.eager[uri], 3)
-    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+    scorer = Scorer(plan, ActorSettings())
+    tight = scorer.models[uri] = OutOfMemoryAbove(scorer.models[uri], 3)
+    with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(batch).to_pandas()
     assert tight.seen == [8, 4, 2, 2, 2, 2] and "a batch of 4 images ran out of GPU memory; running 2" in caplog.text
     np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
@@ -682,14 +647,15 @@ def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets,
 
     # Compiled, running out of memory is no compile failure: the model stays compiled, and short
     # batches are padded to at most the size that fits (dynamo without inductor: no C++ build here).
-    scorer = score.Scorer(plan, None, "cpu", 0)
-    tight = scorer.eager[uri] = OutOfMemoryAbove(scorer.eager[uri], 5)
-    scorer.models[uri], scorer.pad_to = torch.compile(tight, backend="eager", dynamic=False), 8
+    scorer = Scorer(plan, ActorSettings())
+    tight = OutOfMemoryAbove(scorer.models[uri], 5)
+    scorer.models[uri] = CompiledModel(tight, uri)
+    scorer.models[uri].compiled, scorer.pad_to = torch.compile(tight, backend="eager", dynamic=False), 8
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+    with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(batch).to_pandas()
         short = scorer({k: v[:3] for k, v in batch.items()}).to_pandas()
-    assert scorer.models[uri] is not scorer.eager[uri] and "failed on this node" not in caplog.text
+    assert not scorer.models[uri].failed and "failed on this node" not in caplog.text
     assert tight.seen == [8, 4, 4, 4] and len(short) == 3   # 3 rows padded to 4, not to 8
     np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
     np.testing.assert_allclose(short[probs].to_numpy(float), want[probs][:3].to_numpy(float), atol=1e-6)
@@ -698,47 +664,47 @@ def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets,
 COMPILE_CACHE_READER = """
 import json, logging, sys
 import numpy as np
-import torch
 from torch._dynamo.utils import counters
-from steelray import config, score
+from steelray import config
+from steelray.scoring.actor import ActorSettings, Scorer
+from steelray.scoring.decode import read_and_decode
+from steelray.scoring.plan import make_plan
 logging.basicConfig(level=logging.INFO)
 ckpt, folder, *uris = sys.argv[1:]
-plan = score.make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
+plan = make_plan(config.load(None, [f"score.checkpoint={ckpt}"], config.ScoreJob).score, None)
 uris = np.array(uris, dtype=object)
-batch = score.read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
-                              expect_size=plan.expect_size, s3=None, retries=0, threads=4)
-scorer = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=folder)
+batch = read_and_decode({"image_id": uris, "source_uri": uris}, inputs=[p.to_dict() for p in plan.inputs],
+                        expect_size=plan.expect_size, s3=None, retries=0, threads=4)
+scorer = Scorer(plan, ActorSettings(compile=True, batch=4, compile_cache=folder))
 rows = scorer(batch).to_pandas()
 hit, miss = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-scorer({k: v[:1] for k, v in batch.items()})  # a shape the file lacks: compiled, the file rewritten
-kept = score._load_cache_artifacts(open(scorer.cache, "rb").read()).artifacts["inductor"]
-print(json.dumps({"hit": hit, "miss": miss, "graphs_after": len(kept),
+scorer({k: v[:1] for k, v in batch.items()})  # a shape the folder lacks: compiled, and a file added
+print(json.dumps({"hit": hit, "miss": miss,
                   "probs": rows[[c for c in rows.columns if c.startswith("prob_")]].to_numpy(float).tolist()}))
 """
 
 
-def test_compile_cache_is_written_once_and_a_fresh_process_compiles_from_it(sheets, ckpts, tmp_path, caplog):
+def test_compile_cache_is_written_once_per_shape_and_a_fresh_process_compiles_from_it(sheets, ckpts, tmp_path,
+                                                                                      caplog):
     """score.compile_cache: an actor writes what it compiled, each batch shape once; an actor on a
     fresh node (here: a process with an empty inductor cache) loads every shape, compiles nothing it
-    loaded, and adds a new shape without dropping those it did not use; a cache file it cannot read
-    is a warning, and the actor compiles as it would have."""
-    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    loaded, and adds a new shape; a cache file it cannot read is a warning, and the actor compiles
+    as it would have."""
+    plan = make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
     batch = decoded_batch(sheets, plan, 4)
     folder = tmp_path / "cache"
     torch._dynamo.reset()
-    scorer = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=str(folder))
-    with caplog.at_level(logging.INFO, logger="steelray.score"):
+    scorer = Scorer(plan, ActorSettings(compile=True, batch=4, compile_cache=str(folder)))
+    with caplog.at_level(logging.INFO, logger="steelray"):
         want = scorer(batch).to_pandas()
-        written = os.listdir(folder)
-        assert written == [os.path.basename(scorer.cache)] and written[0].startswith("resnet10t-")
-        scorer({k: v[:2] for k, v in batch.items()})  # another shape: compiled, and the file rewritten
-        before = (folder / written[0]).stat().st_mtime_ns
-        scorer(batch)  # nothing new compiled: the file is left alone
-    assert (folder / written[0]).stat().st_mtime_ns == before
-    assert caplog.text.count("score.compile_cache: wrote") == 2
+        (sub,) = os.listdir(folder)
+        assert sub.startswith("resnet10t-") and len(os.listdir(folder / sub)) == 1
+        scorer({k: v[:2] for k, v in batch.items()})  # another shape: compiled, and a file of its own
+        assert len(os.listdir(folder / sub)) == 2
+        scorer(batch)  # nothing new compiled: nothing written
+    assert len(os.listdir(folder / sub)) == 2 and caplog.text.count("score.compile_cache: wrote") == 2
     probs = want[[c for c in want.columns if c.startswith("prob_")]].to_numpy(float)
 
-    # torch's own loader would bring back only the last shape saved (2 rows); the first must come too
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-node")}
     args = [sys.executable, "-c", COMPILE_CACHE_READER, ckpts["multilabel"], str(folder), *batch["source_uri"]]
     fresh = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -746,16 +712,16 @@ def test_compile_cache_is_written_once_and_a_fresh_process_compiles_from_it(shee
     got = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert (got["hit"], got["miss"]) == (1, 0), fresh.stderr[-3000:]
     loaded = re.search(r"loaded (\d+) compiled graph", fresh.stderr)
-    assert loaded and int(loaded.group(1)) >= 2, fresh.stderr[-3000:]
-    # its new shape (1 row) joined the file, and the shape it did not use (2 rows) stayed
-    assert got["graphs_after"] == int(loaded.group(1)) + 1
+    assert loaded and int(loaded.group(1)) >= 2, fresh.stderr[-3000:]   # both shapes, from both files
+    assert len(os.listdir(folder / sub)) == 3                            # its new shape (1 row) joined them
     np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
 
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / written[0]).write_bytes(b"not a torch cache")
-    with caplog.at_level(logging.INFO, logger="steelray.score"):
-        score.Scorer(plan, None, "cpu", 0, compile=True, batch=4, compile_cache=str(tmp_path / "broken"))
-    assert f"could not load {tmp_path / 'broken' / written[0]}, compiling without it" in caplog.text
+    broken = tmp_path / "broken"
+    (broken / sub).mkdir(parents=True)
+    (broken / sub / "x.torchcache").write_bytes(b"not a torch cache")
+    with caplog.at_level(logging.INFO, logger="steelray"):
+        Scorer(plan, ActorSettings(compile=True, batch=4, compile_cache=str(broken)))
+    assert f"could not load {broken / sub / 'x.torchcache'}, compiling without it" in caplog.text
 
 
 def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkeypatch, caplog):
@@ -764,13 +730,13 @@ def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkey
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
-    plan = score.make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
+    plan = make_plan(job(f"score.checkpoint={ckpts['multilabel']}").score, None)
     batch = decoded_batch(sheets, plan, 4)
     torch._dynamo.reset()
-    with caplog.at_level(logging.WARNING, logger="steelray.score"):
-        got = score.Scorer(plan, None, "cpu", 0, compile=True, batch=4)(batch).to_pandas()
+    with caplog.at_level(logging.WARNING, logger="steelray"):
+        got = Scorer(plan, ActorSettings(compile=True, batch=4))(batch).to_pandas()
     assert "compiling" in caplog.text and "failed on this node" in caplog.text
-    want = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
+    want = Scorer(plan, ActorSettings())(batch).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
     np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
 
@@ -780,7 +746,7 @@ def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkey
     (["score.actor_gpus=0.34"], 1, ("cuda", 2)), (["score.actors=3"], 0, ("cpu", 3)),
     (["score.device=cpu"], 2, ("cpu", 1)), (["score.actor_gpus=0.25"], 0.5, ("cuda", 2))])
 def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want):
-    assert score.placement(job(*overrides).score, gpus) == want
+    assert scoring_job.placement(job(*overrides).score, gpus) == want
 
 
 @pytest.mark.parametrize("setting, device, images, actors, want", [
@@ -788,19 +754,19 @@ def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want)
     ("auto", "cuda", 40_000, 1, False), ("auto", "cuda", 100_000, 2, True), ("true", "cuda", 10, 1, True),
     ("false", "cpu", 10**6, 1, False)])
 def test_compile_auto_compiles_where_each_actor_wins_the_compile_back(setting, device, images, actors, want):
-    assert score.use_compile(job(f"score.compile={setting}").score, device, images, actors) is want
+    assert use_compile(job(f"score.compile={setting}").score, device, images, actors) is want
 
 
 def test_model_batch_defaults_to_256_on_gpu_and_16_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
-    assert (score.model_batch(default, "cuda"), score.model_batch(default, "cpu")) == (256, 16)
-    assert score.model_batch(job().score, "cuda") == 4  # set: taken as it is
+    assert (scoring_job.model_batch(default, "cuda"), scoring_job.model_batch(default, "cpu")) == (256, 16)
+    assert scoring_job.model_batch(job().score, "cuda") == 4  # set: taken as it is
 
 
 def test_actor_calls_default_to_4_on_gpu_and_1_on_cpu():
     default = config.load(None, [], config.ScoreJob).score
-    assert (score.actor_calls(default, "cuda"), score.actor_calls(default, "cpu")) == (4, 1)
-    assert score.actor_calls(job("score.actor_calls=3").score, "cpu") == 3
+    assert (scoring_job.actor_calls(default, "cuda"), scoring_job.actor_calls(default, "cpu")) == (4, 1)
+    assert scoring_job.actor_calls(job("score.actor_calls=3").score, "cpu") == 3
 
 
 @pytest.mark.gpu
@@ -809,10 +775,10 @@ def test_scorer_actor_on_gpu_matches_cpu(tmp_path, sheets, ckpts, precision):
     """The actor class itself on CUDA (bf16 autocast or bf16 weights, channels_last) against fp32 on
     CPU, same decoded batch."""
     for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
-        plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+        plan = make_plan(job(f"score.checkpoint={ckpt}").score, None)
         batch = decoded_batch(sheets, plan)
-        cpu = score.Scorer(plan, None, "cpu", 0)(batch).to_pandas()
-        gpu = score.Scorer(plan, None, "cuda", 0, precision=precision)(batch).to_pandas()
+        cpu = Scorer(plan, ActorSettings())(batch).to_pandas()
+        gpu = Scorer(plan, ActorSettings("cuda", precision=precision))(batch).to_pandas()
         assert_rows_agree(gpu, cpu)
 
 
@@ -821,43 +787,22 @@ def test_a_batch_too_large_for_the_gpu_runs_in_halves(tmp_path, sheets, caplog):
     """A real out-of-memory: resnet50 on full 256x1600 sheets, 8,192 at once (its first layer's
     output alone would be over 100 GB), runs in halves; the rows match a batch of 8."""
     ckpt = make_checkpoint(tmp_path / "r50", "multilabel", "resnet50", size=(256, 1600))
-    plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
+    plan = make_plan(job(f"score.checkpoint={ckpt}").score, None)
     small = decoded_batch(sheets, plan, 8)
     large = {k: np.concatenate([v] * 1024) for k, v in small.items()}
-    scorer = score.Scorer(plan, None, "cuda", 0)
-    with caplog.at_level(logging.WARNING, logger="steelray.score"):
+    scorer = Scorer(plan, ActorSettings("cuda"))
+    with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(large).to_pandas()
     assert "ran out of GPU memory" in caplog.text and 1 <= scorer.fits[plan.primary.uri] < 8192
-    want = score.Scorer(plan, None, "cuda", 0)(small).to_pandas()
+    want = Scorer(plan, ActorSettings("cuda"))(small).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
     np.testing.assert_allclose(got[probs].to_numpy(float), np.tile(want[probs].to_numpy(float), (1024, 1)), atol=0.02)
 
 
-@pytest.mark.gpu
-def test_nvjpeg_decoding_in_the_actor_matches_the_decode_tasks(tmp_path, sheets, ckpts):
-    """score.decode=actor on CUDA (nvJPEG, batched) against the CPU decode tasks: the same error rows
-    (the truncated JPEG goes to the CPU decoder; the one with noise inside, which nvJPEG decodes,
-    is refused by the probe's structure check as libjpeg refuses it), the same predictions within
-    fp32 on GPU."""
-    files = put_inputs(sheets, str(tmp_path / "in"), n=8)
-    (tmp_path / "in" / "corrupt.jpg").write_bytes(corrupt_middle(files[sorted(files)[0]]))
-    uris = [str(tmp_path / "in" / name) for name in sorted([*files, "corrupt.jpg"])]
-    for ckpt in (ckpts["multilabel"], ckpts["segmenter"]):
-        plan = score.make_plan(job(f"score.checkpoint={ckpt}").score, None)
-        tasks, actor = scored_both_ways(plan, uris, "cuda", precision="fp32")
-        assert list(actor.error.fillna("")) == list(tasks.error.fillna(""))
-        good = tasks.error.isna()
-        assert good.sum() == 8
-        assert_rows_agree(actor[good], tasks[good])
-        probs = [c for c in tasks.columns if c.startswith("prob_")]
-        print(ckpt, "max |prob difference| nvJPEG vs CPU decode:",
-              np.abs(actor[good][probs].to_numpy(float) - tasks[good][probs].to_numpy(float)).max())
-
-
 def test_an_empty_night_is_a_warning_and_an_empty_summary(tmp_path, ckpts, caplog):
     (tmp_path / "in").mkdir()
-    with caplog.at_level(logging.WARNING, logger="steelray.score"):
-        summary = score.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['multilabel']}",
+    with caplog.at_level(logging.WARNING, logger="steelray"):
+        summary = scoring_job.run(job(f"score.input={tmp_path / 'in'}", f"score.checkpoint={ckpts['multilabel']}",
                                 f"score.segmenter={ckpts['segmenter']}", f"score.output={tmp_path / 'out'}"))
     assert (summary.inputs, summary.scored, summary.errored, summary.gate_skipped) == (0, 0, 0, 0)
     assert f"{tmp_path / 'in'}: no images to score" in caplog.text

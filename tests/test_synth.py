@@ -4,7 +4,6 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
-import pytest
 import s3fs
 from PIL import Image
 

@@ -21,22 +21,20 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from steelray import storage
-
-if TYPE_CHECKING:
-    from steelray.config import S3Config
+from steelray.scoring.plan import ScoreError
+from steelray.storage import S3Config
 
 log = logging.getLogger(__name__)
 
 
-class LockError(RuntimeError):
+class LockError(ScoreError):
     """The lock could not be taken."""
 
 
-class LockHeld(LockError):
-    """Another job holds the output for this model version."""
+class OutputBusy(LockError):
+    """Another job with the same model is writing this output."""
 
 
 def _alive(pid: int) -> bool:
@@ -72,21 +70,7 @@ class RunLock:
 
     def _write(self, exclusive: bool) -> None:
         data = json.dumps({**self.info, "beat": time.time()}).encode()
-        fs, path = storage.filesystem(self.uri, self.s3)
-        if storage.is_s3(self.uri):
-            fs.pipe_file(path, data, **({"mode": "create"} if exclusive else {}))
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{self.token}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        if not exclusive:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)  # appears whole, and only where there was none (FileExistsError)
-        finally:
-            os.remove(tmp)
+        (storage.write_new if exclusive else storage.write_atomic)(self.uri, data, self.s3)
 
     def gone(self, held: dict) -> str:
         """Why the holder ``held`` no longer runs, or "" while it may."""
@@ -114,7 +98,7 @@ class RunLock:
             why = self.gone(held)
             if not why:
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(held.get("started", 0))))
-                raise LockHeld(
+                raise OutputBusy(
                     f"{self.uri}: another scoring job with this model is writing this output (host "
                     f"{held.get('host')}, pid {held.get('pid')}, {held.get('what') or 'job'}, since {since}, last "
                     f"sign {time.time() - float(held.get('beat', 0)):.0f} s ago); two at once would score "
@@ -131,7 +115,7 @@ class RunLock:
         if storage.is_s3(self.uri) or taken_over:
             time.sleep(self.settle)
             if (self._read() or {}).get("token") != self.token:
-                raise LockHeld(f"{self.uri}: another scoring job with this model started at the same moment")
+                raise OutputBusy(f"{self.uri}: another scoring job with this model started at the same moment")
         if taken_over:
             held, why = taken_over
             log.warning("%s: taking over from the job on %s (pid %s): %s", self.uri, held.get("host"),
@@ -157,8 +141,7 @@ class RunLock:
             self._thread.join()
         try:
             if (self._read() or {}).get("token") == self.token:
-                fs, path = storage.filesystem(self.uri, self.s3)
-                fs.rm(path)
+                storage.remove(self.uri, self.s3)
         except Exception as e:  # noqa: BLE001 - the next job sees it as gone (ended process, ttl)
             log.warning("%s: could not remove the lock: %s: %s", self.uri, type(e).__name__, e)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from steelray import storage
-from steelray.runlock import LockHeld, RunLock
+from steelray.scoring.lock import OutputBusy, RunLock
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -30,7 +30,7 @@ def plant(output: str, digest: str, **held) -> None:
 def test_a_second_job_is_refused_until_the_first_releases(output):
     first = RunLock(output, "abc", settle=0.05)
     first.acquire()
-    with pytest.raises(LockHeld, match=r"another scoring job with this model is writing this output \(host "
+    with pytest.raises(OutputBusy, match=r"another scoring job with this model is writing this output \(host "
                                        rf"{socket.gethostname()}, pid \d+") as e:
         RunLock(output, "abc", settle=0.05).acquire()
     assert "wait 300 s after its last sign, or delete the file" in str(e.value)
@@ -51,15 +51,15 @@ def test_a_lock_whose_job_is_gone_is_taken_over_and_a_live_one_is_not(output, ca
     for held, why in cases:
         plant(output, "abc", **held)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="steelray.runlock"), RunLock(output, "abc", settle=0.05):
+        with caplog.at_level(logging.WARNING, logger="steelray.scoring.lock"), RunLock(output, "abc", settle=0.05):
             assert why in caplog.text and "taking over from the job on" in caplog.text
     plant(output, "abc", host="another-node", beat=time.time() - 100)  # quiet, but not for ttl yet
-    with pytest.raises(LockHeld, match="host another-node, pid 1, resnet18 on s3://x/"):
+    with pytest.raises(OutputBusy, match="host another-node, pid 1, resnet18 on s3://x/"):
         RunLock(output, "abc", settle=0.05).acquire()
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # another process on this host, still running
         plant(output, "abc", pid=running.pid)
-        with pytest.raises(LockHeld, match=f"pid {running.pid}, "):
+        with pytest.raises(OutputBusy, match=f"pid {running.pid}, "):
             RunLock(output, "abc", settle=0.05).acquire()
     finally:
         running.kill()
@@ -75,7 +75,7 @@ def test_the_holder_renews_its_lock_while_it_runs(tmp_path):
 
 
 def test_an_output_the_job_cannot_write_is_a_clear_error(tmp_path):
-    from steelray.runlock import LockError
+    from steelray.scoring.lock import LockError
 
     (tmp_path / "out").write_text("a file where the output folder should be")
     with pytest.raises(LockError, match=r"out/_running/abc.json: could not create the run lock: "):
@@ -86,8 +86,8 @@ def test_an_output_the_job_cannot_write_is_a_clear_error(tmp_path):
 def test_an_s3_store_without_conditional_writes(store, flaky_s3, bucket):
     """An S3-compatible store that ignores If-None-Match still refuses a second job (the lock is
     looked for before it is written); one that refuses it is a clear error with the way out."""
-    from steelray.config import S3Config
-    from steelray.runlock import LockError
+    from steelray.storage import S3Config
+    from steelray.scoring.lock import LockError
 
     flaky_s3.conditional = store
     via = S3Config(endpoint_url=flaky_s3.endpoint)
@@ -97,5 +97,5 @@ def test_an_s3_store_without_conditional_writes(store, flaky_s3, bucket):
             RunLock(bucket, "abc", via, settle=0.05).acquire()
         return
     with RunLock(bucket, "abc", via, settle=0.05):
-        with pytest.raises(LockHeld, match="another scoring job with this model is writing this output"):
+        with pytest.raises(OutputBusy, match="another scoring job with this model is writing this output"):
             RunLock(bucket, "abc", via, settle=0.05).acquire()

@@ -1,0 +1,124 @@
+"""What an image goes through on its way into a model, and what its outputs become: the one home
+that training, evaluation, the report and the scoring actor all call.
+
+    image (uint8 HxWxC, decoded by ``images.decode_image``)
+      -> resize(image, pre)                       CPU, OpenCV bilinear, still uint8
+      -> model_input(batch, pre)                  uint8 NCHW on any device -> normalised float, channels_last
+      -> model -> probabilities(logits, task)     sigmoid, or softmax for a multi-class classifier
+      -> masks(probs, height, width, ...)         segmenters: back to the sheet's own size, per-class
+                                                  pixel threshold and minimum area
+
+``Preprocess`` is what a checkpoint stores of this (size, channels, normalisation), so scoring
+rebuilds it from the checkpoint and never restates it. Torch is imported inside the functions that
+need it: scoring's decode workers import this module for ``resize`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an image goes through before the model: stored in every checkpoint, rebuilt by scoring."""
+
+    size: tuple[int, int]          # (height, width) of the model's input at evaluation
+    crop: tuple[int, int] | None   # random crop (height, width) for training at full resolution
+    in_chans: int
+    mean: tuple[float, ...]        # per channel, on a 0..1 scale (normalize "dataset")
+    std: tuple[float, ...]
+    normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "crop": list(self.crop) if self.crop else None,
+                "in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std),
+                "normalize": self.normalize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(tuple(d["size"]), tuple(d["crop"]) if d.get("crop") else None, d["in_chans"],
+                   tuple(d["mean"]), tuple(d["std"]), d.get("normalize", "dataset"))
+
+    def same_input(self, other: Preprocess) -> bool:
+        """Whether two models take the same decoded pixels (normalisation happens later, per model)."""
+        return tuple(self.size) == tuple(other.size) and self.in_chans == other.in_chans
+
+
+def resize(image: np.ndarray, size) -> np.ndarray:
+    """A uint8 HxWxC image at ``size`` (height, width): OpenCV's bilinear, as albumentations' Resize."""
+    size = tuple(size)
+    if image.shape[:2] == size:
+        return image
+    import cv2
+
+    out = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(*size, image.shape[2]) if image.ndim == 3 else out
+
+
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+    """A HxWxK 0/1 mask at ``size``: nearest neighbour, so it stays 0/1 (training's targets)."""
+    size = tuple(size)
+    if mask.shape[:2] == size:
+        return mask
+    import cv2
+
+    out = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return out.reshape(*size, mask.shape[2])
+
+
+def to_chw(image: np.ndarray):
+    """A uint8 HxWxC image as the CxHxW tensor a DataLoader batches (still uint8: 4x less to move)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def model_input(x, pre: Preprocess, dtype=None):
+    """A uint8 NCHW batch (any device) as the model takes it: normalised as ``pre`` says, float32
+    (or ``dtype``), channels_last."""
+    import torch
+
+    x = x.float()
+    if pre.normalize == "image":  # each image to zero mean and unit std over all its pixels, clipped
+        std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)
+        x = ((x - mean) / (std + 1e-4)).clamp_(-20, 20)
+    else:
+        mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255
+        x = (x - mean) / std
+    # Always the same strides for the same shape (a size-1 channel dim leaves them ambiguous): a
+    # compiled model recompiles for other strides.
+    out = torch.empty(x.shape, dtype=dtype or torch.float32, device=x.device, memory_format=torch.channels_last)
+    return out.copy_(x)
+
+
+def probabilities(logits, task: str):
+    """Logits as probabilities, in float32: softmax over the classes of a multi-class classifier,
+    else a sigmoid per output (binary, multi-label, and each pixel of a segmenter's masks)."""
+    logits = logits.float()
+    return logits.softmax(1) if task == "multiclass" else logits.sigmoid()
+
+
+def at_size(probs, height: int, width: int):
+    """A segmenter's (C, h, w) probabilities at the sheet's own size (C, height, width), bilinear."""
+    import torch.nn.functional as F
+
+    if tuple(probs.shape[-2:]) == (height, width):
+        return probs
+    return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def masks(probs, height: int, width: int, thresholds, min_area) -> list[np.ndarray]:
+    """A segmenter's (C, h, w) probabilities for one sheet as one boolean mask per class at the
+    sheet's own size: pixels at or above the class's threshold, and none at all where fewer than
+    the class's minimum area are."""
+    full = at_size(probs, height, width)
+    out = []
+    for c in range(full.shape[0]):
+        mask = (full[c] >= float(thresholds[c])).cpu().numpy()
+        if mask.sum() < int(min_area[c]):
+            mask = np.zeros_like(mask)
+        out.append(mask)
+    return out

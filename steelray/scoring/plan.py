@@ -1,0 +1,182 @@
+"""What a scoring job's checkpoint(s) mean for it: the model versions, their inputs, the output's
+columns, and the rule that turns probabilities into labels.
+
+A model version (``digest``) is the SHA-256 of the weights and the decision settings (thresholds,
+minimum areas): recalibrating a checkpoint makes a new version, which a rerun scores again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from steelray import metrics, storage
+from steelray.config import ScoreConfig
+from steelray.images import SEVERSTAL_SIZE
+from steelray.model_io import Preprocess
+from steelray.storage import S3Config
+
+# Class names that mean "no defect" for a multi-class classifier's any_defect flag and cascade gate.
+NO_DEFECT_NAMES = {"ok", "no_defect", "nodefect", "no-defect", "none", "normal", "clean", "good", "0"}
+CLASSES_KEY = b"steelray.classes"   # Parquet schema metadata: the class names behind the columns
+
+
+class ScoreError(RuntimeError):
+    """The job cannot start (bad input listing or checkpoint), or its output cannot take it."""
+
+
+def column_name(cls: str) -> str:
+    """A class name as a column-name suffix: ``rolled-in_scale`` -> ``rolled_in_scale``."""
+    return re.sub(r"\W+", "_", str(cls)).strip("_") or "class"
+
+
+def file_tag(digest: str) -> str:
+    """A model version as it appears in file names (a cascade's ``gate>segmenter`` has a ``>``)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", digest)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver and the actors need to know about one checkpoint."""
+
+    uri: str
+    task: str
+    classes: tuple[str, ...]        # output names: binary -> ("defect",)
+    thresholds: tuple[float, ...]
+    preprocess: Preprocess
+    name: str                       # e.g. resnet18, unet-resnet34
+    digest: str                     # sha256 of the weights and decision settings, first 16 hex digits
+    data_format: str
+    min_area: tuple[int, ...] = ()  # segmenters: per class, calibrated by jobs/evaluate.py (empty: 0)
+
+    @property
+    def segmenter(self) -> bool:
+        return self.task == "segmentation"
+
+
+def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = ()) -> ModelInfo:
+    """The checkpoint at ``uri``; for a segmenter, ``min_area`` (``score.min_area``) replaces the
+    checkpoint's own minimum mask areas, and so makes another model version where it differs."""
+    from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
+
+    try:
+        meta = checkpoint.read_meta(uri, s3)
+        weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
+    except FileNotFoundError as e:
+        raise ScoreError(f"checkpoint {uri}: {e}") from None
+    task = meta["task"]
+    classes = ("defect",) if task == "binary" else tuple(meta["classes"])
+    model = meta.get("model", {})
+    name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
+    thresholds, own = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
+    differs = task == "segmentation" and min_area and tuple(min_area) != (own or (0,) * len(classes))
+    min_area = tuple(min_area) if differs else own
+    decision = json.dumps({"thresholds": thresholds, "min_area": min_area}).encode()
+    return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
+                     preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
+                     digest=hashlib.sha256(weights + decision).hexdigest()[:16],
+                     data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checkpoint(s) of one run and what follows from them: input shapes, columns, identity."""
+
+    primary: ModelInfo                   # the classifier (cascade gate) or the only model
+    segmenter: ModelInfo | None          # cascade's second stage
+    expect_size: tuple[int, int] | None
+    min_area: tuple[int, ...]
+
+    @property
+    def final(self) -> ModelInfo:
+        return self.segmenter or self.primary
+
+    @property
+    def cascade(self) -> bool:
+        return self.segmenter is not None
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.primary.name} > {self.segmenter.name}" if self.cascade else self.primary.name
+
+    @property
+    def digest(self) -> str:
+        return f"{self.primary.digest}>{self.segmenter.digest}" if self.cascade else self.primary.digest
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [self.primary] + ([self.segmenter] if self.segmenter else [])
+
+    @property
+    def inputs(self) -> list[Preprocess]:
+        """The distinct model inputs to decode each image into (one, or two for a cascade)."""
+        out: list[Preprocess] = []
+        for m in self.models:
+            if not any(m.preprocess.same_input(p) for p in out):
+                out.append(m.preprocess)
+        return out
+
+    def input_index(self, m: ModelInfo) -> int:
+        return next(i for i, p in enumerate(self.inputs) if m.preprocess.same_input(p))
+
+    def schema(self) -> pa.Schema:
+        fields = [("image_id", pa.string()), ("source_uri", pa.string()), ("model", pa.string()),
+                  ("checkpoint", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+                  ("height", pa.int32()), ("width", pa.int32())]
+        if self.cascade:
+            fields += [(f"gate_prob_{column_name(c)}", pa.float32()) for c in self.primary.classes]
+            fields.append(("flagged", pa.bool_()))
+        fields += [(f"prob_{column_name(c)}", pa.float32()) for c in self.final.classes]
+        if self.final.segmenter:
+            fields += [(f"rle_{column_name(c)}", pa.string()) for c in self.final.classes]
+            fields += [(f"area_{column_name(c)}", pa.int64()) for c in self.final.classes]
+        fields += [("labels", pa.list_(pa.string())), ("any_defect", pa.bool_()), ("error", pa.string())]
+        return pa.schema(fields, metadata={CLASSES_KEY: json.dumps(list(self.final.classes))})
+
+
+def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
+    if not sc.checkpoint:
+        raise ScoreError("score.checkpoint: required (a checkpoint folder written by jobs/train.py)")
+    min_area = tuple(sc.min_area)  # the final model's: the segmenter's in a cascade
+    primary = describe(sc.checkpoint, s3, () if sc.segmenter else min_area)
+    segmenter = describe(sc.segmenter, s3, min_area) if sc.segmenter else None
+    if segmenter is not None:
+        if primary.segmenter:
+            raise ScoreError(f"score.checkpoint {sc.checkpoint}: a cascade gate must be a classifier, "
+                             "this is a segmenter (give the segmenter as score.segmenter)")
+        if not segmenter.segmenter:
+            raise ScoreError(f"score.segmenter {sc.segmenter}: not a segmenter checkpoint "
+                             f"(task {segmenter.task})")
+    final = segmenter or primary
+    if sc.min_area and len(sc.min_area) != len(final.classes):
+        raise ScoreError(f"score.min_area: one value per class ({', '.join(final.classes)}), "
+                         f"got {sc.min_area}")
+    if sc.expect_size:
+        expect = tuple(sc.expect_size)
+    elif "severstal" in (primary.data_format, final.data_format):
+        expect = SEVERSTAL_SIZE
+    else:
+        expect = None
+    return Plan(primary, segmenter, expect, tuple(sc.min_area) or final.min_area or (0,) * len(final.classes))
+
+
+def classify(info: ModelInfo, probs: np.ndarray) -> tuple[list[str], bool]:
+    """(labels, any_defect) of one image from a classifier's probabilities and thresholds."""
+    if info.task == "multiclass":  # argmax, unless a calibrated class threshold says otherwise
+        label = info.classes[int(metrics.decide("multiclass", probs[None], info.thresholds)[0])]
+        return [label], label.lower() not in NO_DEFECT_NAMES
+    found = [c for c, p, t in zip(info.classes, probs, info.thresholds) if p >= t]
+    return found, bool(found)
+
+
+def gate_classes(gate: ModelInfo, seg: ModelInfo, labels: list[str]) -> list[bool]:
+    """Which of the segmenter's classes a flagged sheet may have: per class when the classifier is
+    multi-label over the same classes, else all of them."""
+    if gate.task == "multilabel" and list(gate.classes) == list(seg.classes):
+        return [c in labels for c in seg.classes]
+    return [True] * len(seg.classes)
