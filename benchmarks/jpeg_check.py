@@ -1,11 +1,12 @@
-"""Does the header probe (PIL's header parse plus ``images.jpeg_structure_error``) reject every JPEG that
-libjpeg rejects? Random damage to real sheets, side by side: libjpeg's full decode (through PIL, as
-the decode tasks use it) against the probe (what the CPU tasks run with ``score.decode=actor``).
+"""Does the header probe (``images.probe_image``: PIL's header parse plus ``images.jpeg_structure_error``)
+reject every JPEG that libjpeg rejects? Random damage to real sheets, side by side: libjpeg's full
+decode (through PIL, as the decode tasks use it) against the probe.
 
     .ci/in-venv python benchmarks/jpeg_check.py [--n 20000] [--seed 1] [--where anywhere|header]
 
-Why: with ``score.decode=actor`` on GPU, nvJPEG decodes files that libjpeg rejects, so the CPU tasks
-check the structure instead of decoding. Damage: random bytes over 1-2,000 bytes, a deletion or an
+Why: the structure check runs before every decode, so that a file whose structure is broken is an
+error row and never a damaged picture scored (and a decoder laxer than libjpeg, as nvJPEG is, could
+rely on it alone). Damage: random bytes over 1-2,000 bytes, a deletion or an
 insertion, anywhere after the first eighth of the file (``anywhere``) or 1-3 bytes in the first 800
 (``header``, where the tables are). Sources: the Severstal sample, NEU images and re-encodings of three
 sheets (progressive, restart markers, optimised tables, EXIF, RGB 4:4:4). Also times check, header
@@ -38,7 +39,7 @@ def libjpeg_rejects(blob: bytes) -> bool:
 
 
 def probe_rejects(blob: bytes) -> bool:
-    """What the CPU tasks do with ``score.decode=actor``: PIL reads the header, then the structure check."""
+    """PIL reads the header, then the structure check: no decode."""
     try:
         images.probe_image(blob)
         return False

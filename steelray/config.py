@@ -111,6 +111,8 @@ class RayConfig:
     storage_path: str = "~/steelray-runs"   # local folder or s3:// prefix for runs and checkpoints
     run_name: str = ""             # empty: derived from task, model and time; same name resumes
     max_failures: int = _f(0, min=-1)
+    shared_paths: list[str] = _f([])  # local folders every node of the cluster mounts (NFS, EFS...);
+                                   # other local paths are refused on a cluster of more than one node
 
 
 @dataclass
@@ -174,6 +176,8 @@ class ScoreConfig:
                                    # another job's lock counts as abandoned when its process has ended
                                    # (same host) or it has not renewed it for this long; 0: no lock
     address: str = ""              # Ray cluster; empty: the running one, or a local one
+    shared_paths: list[str] = _f([])  # local folders every node of the cluster mounts (NFS, EFS...);
+                                   # other local inputs and outputs are refused on more than one node
 
 
 @dataclass

@@ -70,21 +70,21 @@ def decode_image(data: bytes, in_chans: int = 1, name: str = "image") -> np.ndar
 
 
 def probe_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
-    """(format, height, width) from the header alone, without decoding the pixels; raises DataError
-    naming ``name`` as ``decode_image`` would for empty and non-image bytes."""
+    """(format, height, width) from the header alone: the checks ``decode_image`` makes before it
+    decodes (empty, not an image, a broken JPEG structure, more than 8 bits per pixel), raising the
+    same DataError, without decoding the pixels."""
     with _opened(data, name) as im:
         return im.format or "", im.height, im.width
 
 
 # --- JPEG structure -----------------------------------------------------------------------------
-# libjpeg (PIL's and torchvision's CPU decoder) rejects a JPEG only when its marker structure is
-# broken: a bad table or header, a marker where none can be. Damage that keeps the structure decodes,
-# with warnings, to a damaged picture. GPU decoders (nvJPEG) are laxer still, so a file that libjpeg
-# rejects can come out of the GPU as an image. ``jpeg_structure_error`` walks the markers without
-# decoding (~0.1 ms for a Severstal sheet, 1/20 of a decode) and names what is broken: of 100,000
-# randomly damaged real sheets it refused every one libjpeg refused, and 16.6% more that libjpeg
-# decodes with a warning (benchmarks/jpeg_check.py, docs/benchmarks.md). PIL reads headers but
-# checks none of this, and no library we found checks it without decoding, hence our own.
+# libjpeg (PIL's decoder) rejects a JPEG only when its marker structure is broken: a bad table or
+# header, a marker where none can be. Damage that keeps the structure decodes, with warnings, to a
+# damaged picture that would be scored as if it were a sheet. ``jpeg_structure_error`` walks the
+# markers without decoding, at a small fraction of a decode's cost, and names what is broken: it
+# refuses whatever libjpeg refuses and some files libjpeg decodes with a warning (measured on
+# damaged real sheets: benchmarks/jpeg_check.py, docs/benchmarks.md). PIL reads headers but checks
+# none of this, and no library we found checks it without decoding, hence our own.
 
 _SEQUENTIAL = {0xC0, 0xC1, 0xC3, 0xC5, 0xC7, 0xC9, 0xCB, 0xCD, 0xCF}  # each component in one scan
 _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}

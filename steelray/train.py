@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from steelray import checkpoint, config, data, images, metrics, model_io, models, presets, rle, storage
+from steelray import checkpoint, cluster, config, data, images, metrics, model_io, models, presets, rle, storage
 from steelray.config import Config
 
 log = logging.getLogger(__name__)  # worker-side progress: Ray Train routes it to the console and job logs
@@ -64,6 +64,8 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
     from ray.train.torch import TorchTrainer
 
     metric = target_metric(cfg)
+    cluster.check_shared([("data.root", cfg.data.root), ("ray.storage_path", cfg.ray.storage_path)],
+                         cfg.ray.shared_paths, cfg.ray.address)
     prepared = prepared or prepare(cfg)
     run_name = cfg.ray.run_name or f"{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = replace(cfg, ray=replace(cfg.ray, run_name=run_name))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import yaml
 
-from steelray import config, storage, train
+from steelray import cluster, config, storage, train
 from steelray.config import Config
 
 # The Optuna study users ran before: 5 trials over these, maximising validation macro-F1.
@@ -61,6 +61,8 @@ def run(cfg: Config) -> SweepResult:
     name = cfg.tune.name or f"sweep-{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = storage.absolute(cfg.ray.storage_path)
     sweep_uri = storage.join(root, name)
+    cluster.check_shared([("data.root", cfg.data.root), ("ray.storage_path", cfg.ray.storage_path)],
+                         cfg.ray.shared_paths, cfg.ray.address)
     prepared = train.prepare(cfg)
     connect(cfg)
     concurrent = max_concurrent(cfg)

@@ -391,8 +391,8 @@ def test_truncated_and_huge_headers_are_errors_not_crashes(sheets):
 
 def test_the_probe_rejects_every_jpeg_libjpeg_rejects(sheets):
     """Random damage (noise, cuts, insertions; in the data and in the tables) to synthetic sheets in
-    three encodings: whatever libjpeg refuses to decode, the header probe refuses too, which is what
-    lets nvJPEG decode in the actors (benchmarks/jpeg_check.py runs this at scale on real sheets)."""
+    three encodings: whatever libjpeg refuses to decode, the header probe refuses too, without
+    decoding (benchmarks/jpeg_check.py runs this at scale on real sheets)."""
     encodings = _encodings(next(Path(sheets.images).iterdir()).read_bytes())
     pool = [encodings[k] for k in ("as written", "progressive with restarts", "rgb 4:4:4")]
     rng, rejected, missed = np.random.default_rng(0), 0, []

@@ -18,7 +18,8 @@ from steelray.storage import S3Config
 log = logging.getLogger(__name__)
 
 # Images per model actor above which ``score.compile=auto`` compiles: where the compile is won back
-# by the faster model (the figures behind these are in docs/benchmarks.md, "Compiling the model").
+# by the faster model (the figures behind them: docs/benchmarks.md, the compiled runs on this 2-core
+# box and on one H100).
 COMPILE_FROM = {"cuda": 50_000, "cpu": 2_000}
 
 
@@ -32,8 +33,8 @@ def use_compile(sc: ScoreConfig, device: str, images: int, actors: int) -> bool:
 
 def padded_size(n: int, most: int) -> int:
     """The batch size a compiled model runs ``n`` images at: the next power of two, at most ``most``.
-    A compiled model is specialised to one batch shape and compiles again for each new one (10-30 s
-    on CPU); padding short batches (the last one, rows dropped as errors, the sheets a cascade gate
+    A compiled model is specialised to one batch shape and compiles again for each new one; padding
+    short batches (the last one, rows dropped as errors, the sheets a cascade gate
     flags) keeps that to a few shapes, while a cascade's segmenter still runs on about the sheets
     flagged."""
     return min(most, 1 << (n - 1).bit_length())

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from steelray import storage
+from steelray import cluster, storage
 from steelray.config import ScoreConfig, ScoreJob
 from steelray.scoring import output
 from steelray.scoring.actor import ActorSettings, Scorer
@@ -93,6 +93,8 @@ def run(job: ScoreJob) -> Summary:
     start = time.monotonic()
     out_root = storage.absolute(sc.output).rstrip("/") + "/"
     inputs = [(i, u) for i, u in list_inputs(sc, s3) if not u.startswith(out_root)]  # output inside input
+    cluster.check_shared([("score.output", sc.output), ("score.compile_cache", sc.compile_cache)]
+                         + [("score.input", u) for _, u in inputs], sc.shared_paths, sc.address, "score.shared_paths")
     # score.lock_ttl=0: the user makes sure that one job at a time writes this output
     lock = (RunLock(sc.output, file_tag(plan.digest), s3, ttl=sc.lock_ttl, what=f"{plan.model_name} on {sc.input}")
             if sc.lock_ttl else contextlib.nullcontext())

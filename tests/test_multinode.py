@@ -1,0 +1,83 @@
+"""Jobs on a Ray cluster of several nodes, played on this machine by Ray's own ``Cluster`` (several
+raylets, each a node with its own resources). Each scenario runs in a subprocess: the tests' own
+local Ray stays as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from steelray import checkpoint, config, data, models, storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def ray_tmp():
+    """A short temp dir for the cluster's Ray: its Unix socket paths must stay under 107 bytes."""
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+TWO_NODES = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from steelray import config, train
+from steelray.scoring import job
+
+root, ckpt = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+said = {}
+score = ["score.run_date=2026-11-28", "score.batch_size=4", "score.decode_batch=4", "score.actor_cpus=0.5",
+         f"score.input={root}/in", f"score.checkpoint={ckpt}", f"score.output={root}/out"]
+try:
+    job.run(config.load(None, score, config.ScoreJob))
+except config.ConfigError as e:
+    said["score"] = str(e)
+try:
+    train.fit(config.load(None, ["task=multilabel", "model.name=simple_cnn", "input.size=[64,320]",
+                                 f"data.root={root}/train", f"ray.storage_path={root}/runs"]))
+except config.ConfigError as e:
+    said["train"] = str(e)
+summary = job.run(config.load(None, score + [f"score.shared_paths=[{root}]"], config.ScoreJob))
+said["declared"] = [summary.scored, summary.errored]
+said["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+print(json.dumps(said))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_local_paths_are_refused_on_two_nodes_unless_declared_shared(tmp_path, sheets, ray_tmp):
+    """On two nodes a local output (or input, or training data and storage) would land on whichever
+    node wrote it: refused before any work, naming the settings and the fix; declared as a shared
+    folder (here both nodes do see it), the night is scored."""
+    for name in sorted(os.listdir(sheets.images))[:3]:
+        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    cfg = config.load(None, ["task=multilabel", "model.name=resnet10t", "input.size=[64,320]", "data.format=severstal"])
+    model = models.build_model(cfg, 4)
+    checkpoint.write(str(tmp_path / "ckpt"), model,
+                     checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path), str(tmp_path / "ckpt")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    said = json.loads(run.stdout.strip().splitlines()[-1])
+    assert said["nodes"] == 2
+    assert f"score.output={tmp_path / 'out'}" in said["score"] and "score.input=" in said["score"], said
+    assert "(and 2 more)" in said["score"] and "score.shared_paths=[/mnt/shared]" in said["score"]
+    assert "a local path on a Ray cluster of 2 nodes" in said["score"]
+    assert f"data.root={tmp_path / 'train'}" in said["train"] and "ray.storage_path=" in said["train"], said
+    assert "ray.shared_paths=" in said["train"] and not (tmp_path / "runs").exists()  # before any work
+    assert said["declared"] == [3, 0]
