@@ -19,9 +19,10 @@ def connect(address: str = "") -> bool:
 
     if ray.is_initialized():
         return True
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "local"):  # "local": a new local Ray, which the job starts with what it needs
         return False
-    ray.init(address=address or None)
+    ray.init(address=address)
     return True
 
 
