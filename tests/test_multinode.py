@@ -23,6 +23,24 @@ def result(stdout: str) -> dict:
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
+def scenario(script: str, tmp_path: Path, sheets, n: int, model: str, size: tuple[int, int], ray_tmp: str) -> dict:
+    """``n`` synthetic sheets under ``tmp_path/in`` and an untrained ``model`` checkpoint at
+    ``tmp_path/ckpt``; then ``script`` (argv: the folder, the checkpoint) in a fresh process on a
+    Ray of its own; returns its RESULT."""
+    for name in sorted(os.listdir(sheets.images))[:n]:
+        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    cfg = config.load(None, ["task=multilabel", f"model.name={model}", f"input.size=[{size[0]},{size[1]}]",
+                             "data.format=severstal"])
+    checkpoint.write(str(tmp_path / "ckpt"), models.build_model(cfg, 4),
+                     checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "ckpt")], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return result(run.stdout)
+
+
 @pytest.fixture
 def ray_tmp():
     """A short temp dir for the cluster's Ray: its Unix socket paths must stay under 107 bytes."""
@@ -67,18 +85,7 @@ def test_local_paths_are_refused_on_two_nodes_unless_declared_shared(tmp_path, s
     """On two nodes a local output (or input, or training data and storage) would land on whichever
     node wrote it: refused before any work, naming the settings and the fix; declared as a shared
     folder (here both nodes do see it), the night is scored."""
-    for name in sorted(os.listdir(sheets.images))[:3]:
-        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
-    cfg = config.load(None, ["task=multilabel", "model.name=resnet10t", "input.size=[64,320]", "data.format=severstal"])
-    model = models.build_model(cfg, 4)
-    checkpoint.write(str(tmp_path / "ckpt"), model,
-                     checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path), str(tmp_path / "ckpt")], cwd=REPO,
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    said = result(run.stdout)
+    said = scenario(TWO_NODES, tmp_path, sheets, 3, "resnet10t", (64, 320), ray_tmp)
     assert said["nodes"] == 2
     assert f"score.output={tmp_path / 'out'}" in said["score"] and "score.input=" in said["score"], said
     assert "(and 2 more)" in said["score"] and "score.shared_paths=[/mnt/shared]" in said["score"]
@@ -129,19 +136,8 @@ def test_the_node_of_the_model_actor_lost_mid_job_leaves_an_exact_output(tmp_pat
     with every sheet exactly once (its own read-back checks that) and no unfinished file visible."""
     import pandas as pd
 
-    names = sorted(os.listdir(sheets.images))[:16]
-    for name in names:
-        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
     # A full-size resnet18 (~0.3 s a sheet here), so that the job is still running at the loss.
-    cfg = config.load(None, ["task=multilabel", "model.name=resnet18", "input.size=[256,1600]", "data.format=severstal"])
-    checkpoint.write(str(tmp_path / "ckpt"), models.build_model(cfg, 4),
-                     checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-c", NODE_LOST, str(tmp_path), str(tmp_path / "ckpt")], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    said = result(run.stdout)
+    said = scenario(NODE_LOST, tmp_path, sheets, 16, "resnet18", (256, 1600), ray_tmp)
     assert (said["inputs"], said["scored"], said["errored"]) == (16, 16, 0), said
     assert said["written_at_loss"] < 8, "the job was nearly done at the loss: make it slower"
     df = pd.read_parquet(tmp_path / "out")
