@@ -10,6 +10,7 @@ come from the standard AWS environment variables (AWS_ENDPOINT_URL, ...).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from steelray import cli, config, synth
@@ -48,7 +49,10 @@ def main(argv=None) -> int:
         else:
             written = synth.make_neu(sc.out, sc.n, sc.seed, s3=job.s3, workers=sc.workers or None)
     except (config.ConfigError, ValueError) as e:
-        print(f"make_data: {e}".replace("synth.class_freq", "synth.class_freq (--class-freq)"), file=sys.stderr)
+        said = str(e)
+        for k in OPTIONS:  # name the option that sets the key, as the user typed it
+            said = re.sub(rf"(synth\.{k}(\[\d+\])?):", rf"\1 (--{k.replace('_', '-')}):", said)
+        print(f"make_data: {said}", file=sys.stderr)
         return cli.BAD_ARGUMENTS
     print(f"wrote {written.count} {sc.format} images to {written.images}")
     print(f"labels: {written.labels_csv}")

@@ -38,7 +38,10 @@ def check_shared(paths: list[tuple[str, str]], shared: list[str], address: str =
     """Raise ConfigError naming each setting of ``paths`` ((setting, path) pairs; a setting may
     come with many paths, e.g. a night's inputs) that has a local path outside every folder in
     ``shared``, when the connected cluster has more than one node."""
-    if not connect(address) or nodes() < 2:
+    if not connect(address):
+        return
+    alive = nodes()
+    if alive < 2:
         return
     roots = [storage.absolute(s).rstrip(os.sep) + os.sep for s in shared]
     bad: dict[str, list[str]] = {}
@@ -50,6 +53,6 @@ def check_shared(paths: list[tuple[str, str]], shared: list[str], address: str =
     if bad:
         listed = "; ".join(f"{name}={found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
                            for name, found in bad.items())
-        raise ConfigError(f"{listed}: a local path on a Ray cluster of {nodes()} nodes, where each node has its "
+        raise ConfigError(f"{listed}: a local path on a Ray cluster of {alive} nodes, where each node has its "
                           "own disk: use an s3:// URI, or a folder every node mounts (NFS, EFS, FSx) declared "
                           f"with {setting}=[/mnt/shared]")

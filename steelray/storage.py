@@ -215,18 +215,19 @@ def list_names(folder: str, s3: S3Config | None = None) -> list[str]:
 
 def parquet_dataset(root: str, s3: S3Config | None = None, partitioning=None, files: list[str] | None = None):
     """A ``pyarrow.dataset`` of the Parquet files under ``root`` (or only ``files``, URIs under it),
-    hidden files (``.``/``_``) skipped; None where there is no such file. The listing is read fresh:
+    hidden files (``.``/``_``) skipped; None where there is no such file. A listing is read fresh:
     all of the filesystem's cache is dropped, as s3fs drops only a path and its parents and a file
-    below may have been rewritten since (its cached ETag would then be refused on read)."""
+    below may have been rewritten since (its cached ETag would then be refused on read). Given
+    ``files`` (from such a listing), the cache is kept: it answers each file's size without a request."""
     import pyarrow as pa
     import pyarrow.dataset as pds
 
     fs, path = filesystem(root, s3)
-    fs.invalidate_cache()
     if files is not None:
         paths = [filesystem(f, s3)[1] for f in files]
         return pds.dataset(paths, filesystem=fs, format="parquet", partitioning=partitioning,
                            partition_base_dir=path.rstrip("/")) if paths else None
+    fs.invalidate_cache()
     if not fs.isdir(path):
         return None
     try:
