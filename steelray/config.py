@@ -150,14 +150,19 @@ class ScoreConfig:
     min_area: list[int] = _f([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
     batch_size: int = _f(0, min=0)       # images per model call; 0: 256 on GPU (where a batch does
                                          # not fit in GPU memory the actor halves it, logged), 16 on CPU
-    actors: int = _f(0, min=0)           # model actors; 0: one per actor_gpus of each GPU, else 1
+    actors: int = _f(0, min=0)           # a fixed number of model actors; 0: a pool that grows with the
+                                   # cluster, from 1 to max_actors, starting with what fits now
+    max_actors: int = _f(0, min=0)       # the pool's limit; 0: what the cluster can grow to (its
+                                   # autoscaler's node types): one per actor_gpus of each GPU, on CPU
+                                   # one per actor_cpus + 1 (a decode task's CPU) of each CPU
     actor_gpus: float = _f(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
     actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
     actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
     actor_calls: int = _f(0, min=0)      # batches an actor takes at once: above 1, Ray Data fetches and
                                    # stitches the next batches while the model runs (the model still runs
                                    # one batch at a time); 0: 4 on GPU, 1 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs or its
+                                   # autoscaler can start GPU nodes
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model(s) in each actor: a compile
                                    # at start, then a faster model; auto: where each actor has enough
                                    # images to win that back. Where compiling fails, the actor warns, runs eager

@@ -24,11 +24,14 @@ def result(stdout: str) -> dict:
 
 
 def scenario(script: str, tmp_path: Path, sheets, n: int, model: str, size: tuple[int, int], ray_tmp: str) -> dict:
-    """``n`` synthetic sheets under ``tmp_path/in`` and an untrained ``model`` checkpoint at
+    """``n`` synthetic sheets (copies past 24) under ``tmp_path/in`` and an untrained ``model`` checkpoint at
     ``tmp_path/ckpt``; then ``script`` (argv: the folder, the checkpoint) in a fresh process on a
     Ray of its own; returns its RESULT."""
-    for name in sorted(os.listdir(sheets.images))[:n]:
-        storage.write_bytes(str(tmp_path / "in" / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    names = sorted(os.listdir(sheets.images))
+    for k in range(n):  # past the fixture's sheets, copies under new names
+        name = names[k % len(names)]
+        storage.write_bytes(str(tmp_path / "in" / (f"{k // len(names)}-{name}" if k >= len(names) else name)),
+                            storage.read_bytes(os.path.join(sheets.images, name)))
     cfg = config.load(None, ["task=multilabel", f"model.name={model}", f"input.size=[{size[0]},{size[1]}]",
                              "data.format=severstal"])
     checkpoint.write(str(tmp_path / "ckpt"), models.build_model(cfg, 4),
@@ -118,13 +121,14 @@ deadline = time.monotonic() + 300
 while not (os.path.isdir(part) and any(f.startswith("part-") for f in os.listdir(part))):
     assert time.monotonic() < deadline and scoring.is_alive(), "no output file within 300 s"
     time.sleep(0.05)
-actor = next(a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Scorer" in a.class_name)
+actor = next(a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")]) if "Scorer" in a.class_name)
 lost = next(w for w in workers if w.node_id == actor.node_id)
 written = len(os.listdir(part))
 cluster.remove_node(lost)
 scoring.join(600)
 s = result["summary"]
-print("RESULT", json.dumps({"inputs": s.inputs, "scored": s.scored, "errored": s.errored, "written_at_loss": written}), flush=True)
+print("RESULT", json.dumps({"inputs": s.inputs, "scored": s.scored, "errored": s.errored, "written_at_loss": written,
+                            "restarts": s.actor_restarts, "lines": s.lines()}), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -140,7 +144,121 @@ def test_the_node_of_the_model_actor_lost_mid_job_leaves_an_exact_output(tmp_pat
     said = scenario(NODE_LOST, tmp_path, sheets, 16, "resnet18", (256, 1600), ray_tmp)
     assert (said["inputs"], said["scored"], said["errored"]) == (16, 16, 0), said
     assert said["written_at_loss"] < 8, "the job was nearly done at the loss: make it slower"
+    assert said["restarts"] >= 1 and any("restarted" in line for line in said["lines"]), said
     df = pd.read_parquet(tmp_path / "out")
     assert len(df) == 16 and df.source_uri.is_unique and df.error.isna().all()
     part = tmp_path / "out" / "run_date=2026-11-28"
     assert not [f for f in os.listdir(part) if f.startswith(".")]
+
+
+POOL_GROWS = """
+import json, os, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from steelray import cluster as steel_cluster, config
+from steelray.scoring import job
+
+root, ckpt = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster.add_node(num_cpus=2)
+ray.init(address=cluster.address)
+cfg = config.load(None, [f"score.input={root}/in", f"score.checkpoint={ckpt}", f"score.output={root}/out",
+                         f"score.shared_paths=[{root}]", "score.run_date=2026-11-28", "score.batch_size=2",
+                         "score.decode_batch=2", "score.rows_per_file=2", "score.device=cpu",
+                         "score.max_actors=2"], config.ScoreJob)
+said = {"at_start": list(job.placement(cfg.score, steel_cluster.capacity()).__dict__.values())}
+result = {}
+scoring = threading.Thread(target=lambda: result.update(summary=job.run(cfg)))
+scoring.start()
+part = os.path.join(root, "out", "run_date=2026-11-28")
+deadline = time.monotonic() + 300
+while not (os.path.isdir(part) and any(f.startswith("part-") for f in os.listdir(part))):
+    assert time.monotonic() < deadline and scoring.is_alive(), "no output file within 300 s"
+    time.sleep(0.05)
+said["written_at_join"] = len(os.listdir(part))
+cluster.add_node(num_cpus=2)  # a node joins mid-job
+scoring.join(600)
+s = result["summary"]
+said.update(inputs=s.inputs, scored=s.scored, actors=s.actors, actor_nodes=s.actor_nodes, device=s.device)
+cluster.add_node(num_cpus=1, num_gpus=1)  # a GPU node (a resource only: placement reads it, nothing runs)
+auto = config.load(None, [f"score.input={root}/in", f"score.checkpoint={ckpt}"], config.ScoreJob)
+said["auto_with_a_gpu_node"] = list(job.placement(auto.score, steel_cluster.capacity()).__dict__.values())
+print("RESULT", json.dumps(said), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_the_scoring_pool_grows_when_a_node_joins_mid_job(tmp_path, sheets, ray_tmp):
+    """Two CPUs at the start hold one model actor and its decode task; a node that joins mid-job
+    (the autoscaler's, or a spot node coming back) gets a second model actor in the same run, up to
+    score.max_actors. A GPU node's resource alone turns score.device=auto to cuda."""
+    said = scenario(POOL_GROWS, tmp_path, sheets, 96, "resnet18", (256, 1600), ray_tmp)
+    assert said["at_start"] == ["cpu", 1, 2, 1], said
+    assert (said["inputs"], said["scored"]) == (96, 96), said
+    assert said["written_at_join"] < 24, "the job was half done when the node joined: make it slower"
+    assert said["device"] == "cpu" and said["actors"] == 2 and said["actor_nodes"] == 2, said
+    assert said["auto_with_a_gpu_node"] == ["cuda", 1, 1, 1], said
+
+
+TRAIN_NODE_LOST = """
+import json, os, sys, threading, time
+import pandas as pd
+import ray, s3fs
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from steelray import config, train
+
+bucket, endpoint = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+ray.init(address=cluster.address)
+cfg = config.load("jobs/configs/neu.yaml", [
+    f"data.root={bucket}/neu", "model.name=simple_cnn", "input.size=[160,160]", "train.loader_workers=0",
+    "train.batch_size=4", "train.epochs=5", f"ray.storage_path={bucket}/runs", "ray.run_name=lost",
+    "ray.num_workers=1", "ray.max_failures=1", f"s3.endpoint_url={endpoint}"])
+result = {}
+fitting = threading.Thread(target=lambda: result.update(fit=train.fit(cfg)))
+fitting.start()
+fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+deadline = time.monotonic() + 300
+while True:  # epoch 2's folder: epoch 1's checkpoint is registered
+    fs.invalidate_cache()
+    if fs.exists(f"{bucket}/runs/lost/epoch-0002"):
+        break
+    assert time.monotonic() < deadline and fitting.is_alive(), "no second epoch within 300 s"
+    time.sleep(0.2)
+worker = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                    ("state", "=", "ALIVE")])[0]
+lost = next(w for w in workers if w.node_id == worker.node_id)
+cluster.remove_node(lost)
+fitting.join(600)
+fs.invalidate_cache()
+rows = pd.read_csv(fs.open(f"{bucket}/runs/lost/metrics.csv"))
+alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+print("RESULT", json.dumps({"epochs": rows["epoch"].tolist(), "resumed": rows["resumed_from_epoch"].tolist(),
+                            "best": result["fit"].best_checkpoint, "lost": lost.node_id,
+                            "worker_nodes": sorted({a.node_id for a in list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")])}),
+                            "alive": alive}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_training_node_lost_mid_run_resumes_from_its_s3_checkpoint_on_another_node(bucket, s3_endpoint, ray_tmp):
+    """A spot reclaim during training: the node of the only training worker goes after epoch 1's
+    checkpoint reached S3 (moto). Ray Train starts the worker on the other node; it resumes from
+    that checkpoint and the run ends with each epoch once."""
+    from steelray import synth
+
+    synth.make_neu(f"{bucket}/neu", 12, seed=3, workers=1)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", TRAIN_NODE_LOST, bucket, s3_endpoint], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    said = result(run.stdout)
+    assert said["epochs"] == [1, 2, 3, 4, 5], said
+    assert said["resumed"][0] == 0 and said["resumed"][-1] >= 1, "the new worker started over instead of resuming"
+    assert said["best"].startswith(f"{bucket}/runs/lost/epoch-"), said
+    assert said["lost"] not in said["alive"] and len(said["worker_nodes"]) == 2, said

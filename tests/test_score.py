@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from steelray import checkpoint, config, data, images, model_io, models, rle, storage
+from steelray import checkpoint, cluster, config, data, images, model_io, models, rle, storage
 from steelray.scoring import job as scoring_job
 from steelray.scoring.actor import ActorSettings, Scorer
 from steelray.scoring.compiled import CompiledModel, use_compile
@@ -741,12 +742,67 @@ def test_where_compiling_fails_the_actor_scores_uncompiled(sheets, ckpts, monkey
     np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides, gpus, want", [
-    ([], 0, ("cpu", 1)), ([], 4, ("cuda", 4)), (["score.actor_gpus=0.5"], 4, ("cuda", 8)),
-    (["score.actor_gpus=0.34"], 1, ("cuda", 2)), (["score.actors=3"], 0, ("cpu", 3)),
-    (["score.device=cpu"], 2, ("cpu", 1)), (["score.actor_gpus=0.25"], 0.5, ("cuda", 2))])
-def test_actor_count_follows_gpus_and_the_share_per_actor(overrides, gpus, want):
-    assert scoring_job.placement(job(*overrides).score, gpus) == want
+GPU_NODE, CPU_HEAD = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0}
+
+
+@pytest.mark.parametrize("overrides, nodes, types, want", [
+    ([], [{"CPU": 2.0}], [], ("cpu", 1, 1, 1)),
+    ([], [{"CPU": 16.0}], [], ("cpu", 1, 8, 8)),                       # an actor's CPU and a decode task's
+    ([], [GPU_NODE] * 4, [], ("cuda", 1, 4, 4)),
+    (["score.actor_gpus=0.5"], [GPU_NODE] * 4, [], ("cuda", 1, 8, 8)),
+    (["score.actor_gpus=0.34"], [GPU_NODE], [], ("cuda", 1, 2, 2)),
+    ([], [CPU_HEAD], [(GPU_NODE, 8.0)], ("cuda", 1, 8, 1)),           # the night: no GPU node up yet
+    ([], [CPU_HEAD, GPU_NODE, GPU_NODE], [(GPU_NODE, 8.0)], ("cuda", 1, 8, 2)),  # two of the eight up
+    ([], [CPU_HEAD], [(GPU_NODE, math.inf)], ("cuda", 1, None, 1)),   # an autoscaler without a limit
+    (["score.max_actors=2"], [GPU_NODE] * 4, [], ("cuda", 1, 2, 2)),
+    (["score.actors=3"], [{"CPU": 2.0}], [], ("cpu", 3, 3, 3)),
+    (["score.device=cpu", "score.actor_cpus=3"], [GPU_NODE] * 2, [], ("cpu", 1, 4, 4)),
+    (["score.device=cuda"], [CPU_HEAD], [], ("cuda", 1, 1, 1)),
+])
+def test_the_pool_follows_the_gpus_the_cluster_has_or_can_start(overrides, nodes, types, want):
+    place = scoring_job.placement(job(*overrides).score, cluster.Capacity(tuple(nodes), tuple(types)))
+    assert (place.device, place.least, place.most, place.initial) == want
+
+
+def test_a_cluster_too_small_for_an_actor_and_a_decode_task_is_refused_naming_what_is_missing(capsys):
+    """After a lost node, one 1-CPU worker is left: the model actor would hold its only CPU and no
+    decode task could start (Ray Data waits for ever). Refused with what is needed and what there
+    is; with an autoscaler that can add a node that would do, the job says it waits for it."""
+    sc = job().score
+    small = cluster.Capacity(({"CPU": 0.0}, {"CPU": 1.0}))
+    with pytest.raises(ScoreError, match=r"too small.*a model actor \{CPU 1\} and a decode task \{CPU 1\} at once.*"
+                                         r"1 x \{nothing\}, 1 x \{CPU 1\}.*no autoscaler.*score.actor_cpus"):
+        scoring_job._check_room(sc, small, scoring_job.placement(sc, small), {"CPU": 1.0})
+    scoring_job._check_room(sc, cluster.Capacity(({"CPU": 2.0},)), scoring_job.placement(sc, small), {"CPU": 1.0})
+    growing = cluster.Capacity(small.nodes, (({"CPU": 4.0}, 2.0),))
+    scoring_job._check_room(sc, growing, scoring_job.placement(sc, growing), {"CPU": 1.0})
+    assert "waiting for the autoscaler to start a node (up to 2 x {CPU 4})" in capsys.readouterr().out
+    gpu = job("score.device=cuda").score
+    with pytest.raises(ScoreError, match=r"\{CPU 1, GPU 1\}.*or score.device=cpu"):
+        scoring_job._check_room(gpu, cluster.Capacity((CPU_HEAD,)), scoring_job.placement(gpu, small), {"CPU": 1.0})
+
+
+def test_the_launchers_config_says_which_nodes_the_autoscaler_can_start(tmp_path):
+    """cluster.yaml as `ray up` leaves it on the head: its GPU workers (declared resources, up to 8)."""
+    assert cluster.launcher_types("cluster.yaml") == [({"CPU": 8.0, "GPU": 1.0}, 8.0)]
+    assert cluster.launcher_types(str(tmp_path / "none.yaml")) == []
+
+
+def test_capacity_reads_the_nodes_of_the_running_cluster_and_the_launchers_node_types(ray_local, tmp_path,
+                                                                                      monkeypatch):
+    """One node, no autoscaler: local paths are fine. The same on the head of a `ray up` cluster
+    (its config where the launcher leaves it): GPU nodes can come, so auto means GPU, and local
+    paths are refused before a worker node is even up."""
+    cap = cluster.capacity()
+    assert (cap.now("CPU"), cap.now("GPU"), cap.types) == (2, 0, ())
+    cluster.check_shared([("score.output", str(tmp_path / "out"))], [], "", "score.shared_paths")
+    monkeypatch.setattr(cluster, "LAUNCHER_CONFIG", str(Path("cluster.yaml").resolve()))
+    cap = cluster.capacity()
+    assert cap.types == (({"CPU": 8.0, "GPU": 1.0}, 8.0),) and cap.most("GPU") == 8
+    assert scoring_job.placement(job().score, cap).device == "cuda"
+    with pytest.raises(config.ConfigError, match=r"score.output=.*a Ray cluster whose autoscaler can add nodes "
+                                                 r"\(up to 8 x \{CPU 8, GPU 1\}\)"):
+        cluster.check_shared([("score.output", str(tmp_path / "out"))], [], "", "score.shared_paths")
 
 
 @pytest.mark.parametrize("setting, device, images, actors, want", [

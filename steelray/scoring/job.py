@@ -53,6 +53,10 @@ class Summary:
     checkpoint: str
     errors: list[str] = field(default_factory=list)  # the first few error messages
     retried: int = 0              # error rows removed to score their inputs again (score.retry_errors)
+    device: str = ""              # where the model actors ran ("": nothing to score)
+    actors: int = 0               # model actors started (a restarted one counts once)
+    actor_nodes: int = 0          # nodes they were on at the end
+    actor_restarts: int = 0       # restarts after a lost node or a crashed actor
 
     @property
     def images_per_s(self) -> float:
@@ -65,6 +69,9 @@ class Summary:
                + (f"; {self.retried} input(s) with an error row scored again" if self.retried else ""),
                f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s with {self.model} "
                f"(checkpoint {self.checkpoint})"]
+        if self.actors:
+            out.append(f"model actors: {self.actors} on {self.device} over {self.actor_nodes} node(s)"
+                       + (f", restarted {self.actor_restarts} time(s)" if self.actor_restarts else ""))
         if self.gate_skipped:
             out.append(f"cascade: the classifier passed {self.gate_skipped} sheet(s) without segmenting them")
         out += [f"error: {e}" for e in self.errors]
@@ -131,10 +138,11 @@ def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[
     removed = output.remove_stale_temporaries(partition, plan.digest)
     if removed:
         log.warning("%s: removed %d unfinished file(s) left by an interrupted run", partition, removed)
+    place, actors = None, {}
     if todo:
         if not ray.is_initialized():
             ray.init(address=sc.address or None)
-        _pipeline(plan, sc, s3, todo, partition)
+        place, actors = _pipeline(plan, sc, s3, todo, partition)
     rows = output.verify(sc.output, plan.digest, plan.schema(), [u for _, u in inputs], s3)
     new = rows.filter(pc.is_in(rows.column("source_uri"), pa.array([u for _, u in todo], pa.string())))
     err = new.column("error").to_pylist()
@@ -144,15 +152,41 @@ def _score(plan: Plan, sc: ScoreConfig, s3: S3Config | None, inputs: list[tuple[
         gate_skipped = sum(1 for f, e in zip(new.column("flagged").to_pylist(), err) if e is None and f is False)
     return Summary(inputs=len(inputs), skipped=skipped, scored=len(err) - len(errors), errored=len(errors),
                    gate_skipped=gate_skipped, seconds=time.monotonic() - start, output=partition,
-                   model=plan.model_name, checkpoint=plan.digest, errors=errors[:10], retried=retried)
+                   model=plan.model_name, checkpoint=plan.digest, errors=errors[:10], retried=retried,
+                   device=place.device if place else "", actors=len(actors),
+                   actor_nodes=len({a["node"] for a in actors.values()}),
+                   actor_restarts=sum(a["restarts"] for a in actors.values()))
 
 
-def placement(sc: ScoreConfig, gpus: float) -> tuple[str, int]:
-    """The model actors' device and how many there are, for a cluster with ``gpus`` GPUs."""
-    device = sc.device if sc.device != "auto" else ("cuda" if gpus else "cpu")
+@dataclass(frozen=True)
+class Placement:
+    """Where the model actors run: their device, the pool's bounds and the actors it starts with."""
+
+    device: str
+    least: int
+    most: int | None   # None: no limit (an autoscaler without one)
+    initial: int
+
+    def shape(self, sc: ScoreConfig) -> dict[str, float]:
+        """The resources one model actor holds."""
+        return {"CPU": sc.actor_cpus, **({"GPU": sc.actor_gpus} if self.device == "cuda" else {})}
+
+
+def placement(sc: ScoreConfig, cap: cluster.Capacity) -> Placement:
+    """The model actors' device and pool size on a cluster of Capacity ``cap``. ``auto`` means GPU
+    where the cluster has GPUs or its autoscaler can start GPU nodes (at night the GPU nodes are
+    often all down until a job asks for them). The pool grows from 1 to ``score.max_actors``, by
+    default what the cluster at its largest holds; it starts with what fits on the nodes up now."""
+    device = sc.device if sc.device != "auto" else ("cuda" if cap.most("GPU") else "cpu")
     if sc.actors:
-        return device, sc.actors
-    return device, (max(1, int(gpus / sc.actor_gpus + 1e-9)) if device == "cuda" else 1)
+        return Placement(device, sc.actors, sc.actors, sc.actors)
+    if device == "cuda":
+        per, now, most = sc.actor_gpus, cap.now("GPU"), cap.most("GPU")
+    else:  # a decode task's CPU beside each actor's, so that a pool on CPU does not starve its own input
+        per, now, most = sc.actor_cpus + 1, cap.now("CPU"), cap.most("CPU")
+    limit = sc.max_actors or (None if math.isinf(most) else max(1, int(most / per + 1e-9)))
+    fit_now = max(1, int(now / per + 1e-9))
+    return Placement(device, 1, limit, fit_now if limit is None else min(fit_now, limit))
 
 
 def model_batch(sc: ScoreConfig, device: str) -> int:
@@ -169,27 +203,75 @@ def actor_calls(sc: ScoreConfig, device: str) -> int:
 
 
 def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
-              partition: str) -> None:
+              partition: str) -> tuple[Placement, dict]:
+    """Stream ``todo`` through decode tasks, the model actors and the sink; returns the placement
+    and what the model actors did (``model_actors``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    device, actors = placement(sc, ray.cluster_resources().get("GPU", 0))
+    cap = cluster.capacity()
+    place = placement(sc, cap)
+    device = place.device
     batch, calls = model_batch(sc, device), actor_calls(sc, device)
+    memory = task_memory(plan.inputs, plan.expect_size, sc.decode_batch, any(u.startswith("s3://") for _, u in todo))
+    _check_room(sc, cap, place, {"CPU": 1.0, "memory": float(memory)})
     settings = ActorSettings(device=device, threads=sc.actor_threads or max(1, int(sc.actor_cpus)),
-                             precision=sc.precision, compile=use_compile(sc, device, len(todo), actors),
+                             precision=sc.precision, compile=use_compile(sc, device, len(todo), place.initial),
                              batch=batch, compile_cache=sc.compile_cache, s3=s3)
-    log.info("scoring %d images on %d %s actor(s), batch %d, %d batch(es) per actor at once, %s", len(todo),
-             actors, device, batch, calls, "compiled" if settings.compile else "not compiled")
+    log.info("scoring %d images on %s model actor(s) (%d at first, at most %s), batch %d, %d batch(es) per "
+             "actor at once, %s", len(todo), device, place.initial, place.most or "no limit", batch, calls,
+             "compiled" if settings.compile else "not compiled")
+    before = _scorer_actors()
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo],
                              override_num_blocks=max(1, math.ceil(len(todo) / sc.decode_batch)))
-    ds = ds.map_batches(read_and_decode, batch_size=sc.decode_batch, batch_format="numpy",
-                        memory=task_memory(plan.inputs, plan.expect_size, sc.decode_batch,
-                                           any(u.startswith("s3://") for _, u in todo)),
+    ds = ds.map_batches(read_and_decode, batch_size=sc.decode_batch, batch_format="numpy", memory=memory,
                         fn_kwargs={"inputs": [p.to_dict() for p in plan.inputs], "expect_size": plan.expect_size,
                                    "s3": s3, "retries": sc.retries, "threads": sc.read_threads})
     ds = ds.map_batches(Scorer, batch_size=batch, batch_format="numpy",
                         fn_constructor_kwargs={"plan": plan, "settings": settings},
-                        compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
+                        compute=ActorPoolStrategy(min_size=place.least, max_size=place.most,
+                                                  initial_size=place.initial,
+                                                  max_concurrent_calls_per_actor=calls,
                                                   enable_true_multi_threading=False),
                         num_cpus=sc.actor_cpus, num_gpus=sc.actor_gpus if device == "cuda" else 0)
     ds.write_datasink(output.ParquetSink(partition, s3, sc.rows_per_file, sc.retries))
+    actors = _scorer_actors()
+    return place, ({k: v for k, v in actors.items() if k not in before} if actors is not None else {})
+
+
+def _check_room(sc: ScoreConfig, cap: cluster.Capacity, place: Placement, decode: dict[str, float]) -> None:
+    """Fail at once where the cluster cannot hold a model actor and a decode task at the same time
+    and no autoscaler can add a node that would (Ray Data would wait for ever, backpressured);
+    where one can, say that the job waits for it."""
+    need = [place.shape(sc), decode]
+    if cluster.fits(list(cap.nodes), need):
+        return
+    wanted = (f"a model actor {cluster.shape_text(need[0])} and a decode task {cluster.shape_text(decode)} "
+              f"at once")
+    if cap.types and cluster.fits(list(cap.nodes) + [t for t, _ in cap.types], need):
+        print(f"score: the nodes up now cannot hold {wanted}; waiting for the autoscaler to start a node "
+              f"({cluster.growth(cap.types)})", flush=True)
+        return
+    raise ScoreError(f"the Ray cluster is too small for the scoring pipeline: it needs {wanted}, and its nodes "
+                     f"are {cluster.describe(cap.nodes)}"
+                     + (f", with an autoscaler that can add {cluster.growth(cap.types)}" if cap.types
+                        else ", with no autoscaler to add any")
+                     + ". Add a node, or lower score.actor_cpus (or score.decode_batch, for the memory)"
+                     + (", or score.device=cpu" if place.device == "cuda" else ""))
+
+
+def _scorer_actors() -> dict[str, dict] | None:
+    """This job's model actors so far, alive or dead, by id: their node and restarts (Ray's state
+    API; None where it cannot be reached, e.g. a cluster without the dashboard)."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        context = ray.get_runtime_context()  # its address: with several Rays on a machine, "auto" may pick another
+        found = list_actors(address=context.gcs_address, filters=[("job_id", "=", context.get_job_id())],
+                            detail=True, limit=10_000, raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001 - the summary goes without the actor tally
+        log.info("could not list the model actors: %s: %s", type(e).__name__, e)
+        return None
+    return {a.actor_id: {"node": a.node_id, "restarts": a.num_restarts or 0}
+            for a in found if "Scorer" in (a.class_name or "")}
