@@ -55,8 +55,8 @@ def night_uris(n: int, count: int) -> list[str]:
     return [f"s3://plant/incoming/{day}/line-2/sheet-{day:%Y%m%d}-{i:06d}.jpg" for i in range(count)]
 
 
-def build(root: str, nights: int, per_night: int, per_file: int, versions: int) -> int:
-    """The output of ``nights`` nightly jobs of each version; returns its number of files."""
+def build(root: str, nights: int, per_night: int, per_file: int, versions: int, first: int = 0) -> int:
+    """The output of nightly jobs ``first`` to ``nights - 1`` of each version; returns its number of files."""
     from steelray import storage
     from steelray.scoring.plan import ModelInfo, Plan
 
@@ -67,7 +67,7 @@ def build(root: str, nights: int, per_night: int, per_file: int, versions: int) 
         info = ModelInfo(uri="", task="multilabel", classes=CLASSES, thresholds=(0.5,) * 4,
                                preprocess=None, name="resnet50", digest=digest(v), data_format="severstal")
         schema = Plan(info, None, None, ()).schema()
-        for n in range(nights):
+        for n in range(first, nights):
             uris = night_uris(n, per_night)
             when = dt.datetime.combine(FIRST_NIGHT + dt.timedelta(days=n), dt.time(2), dt.timezone.utc)
             for lo in range(0, per_night, per_file):
