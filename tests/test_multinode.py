@@ -36,10 +36,24 @@ def scenario(script: str, tmp_path: Path, sheets, n: int, model: str, size: tupl
                              "data.format=severstal"])
     checkpoint.write(str(tmp_path / "ckpt"), models.build_model(cfg, 4),
                      checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES, models.preprocess_for(cfg)))
+    return run_script(script, [str(tmp_path), str(tmp_path / "ckpt")], ray_tmp)
+
+
+def on_s3(script: str, bucket: str, endpoint: str, ray_tmp: str) -> dict:
+    """A small NEU set under ``bucket``/neu on moto's S3; then ``script`` (argv: the bucket, the
+    endpoint) as ``scenario`` runs it."""
+    from steelray import synth
+
+    synth.make_neu(f"{bucket}/neu", 12, seed=3, workers=1)
+    return run_script(script, [bucket, endpoint], ray_tmp)
+
+
+def run_script(script: str, args: list[str], ray_tmp: str) -> dict:
+    """``script`` in a fresh process with a Ray temp dir of its own; its RESULT."""
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "ckpt")], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=env)
+    run = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=1200, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     return result(run.stdout)
 
@@ -253,16 +267,64 @@ def test_a_training_node_lost_mid_run_resumes_from_its_s3_checkpoint_on_another_
     """A spot reclaim during training: the node of the only training worker goes after epoch 1's
     checkpoint reached S3 (moto). Ray Train starts the worker on the other node; it resumes from
     that checkpoint and the run ends with each epoch once."""
-    from steelray import synth
-
-    synth.make_neu(f"{bucket}/neu", 12, seed=3, workers=1)
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-c", TRAIN_NODE_LOST, bucket, s3_endpoint], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    said = result(run.stdout)
+    said = on_s3(TRAIN_NODE_LOST, bucket, s3_endpoint, ray_tmp)
     assert said["epochs"] == [1, 2, 3, 4, 5], said
     assert said["resumed"][0] == 0 and said["resumed"][-1] >= 1, "the new worker started over instead of resuming"
     assert said["best"].startswith(f"{bucket}/runs/lost/epoch-"), said
     assert said["lost"] not in said["alive"] and len(said["worker_nodes"]) == 2, said
+
+
+SWEEP_NODE_LOST = """
+import json, sys, threading, time
+import pandas as pd
+import ray, s3fs
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from steelray import config, tune
+
+bucket, endpoint = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"trial_driver": 4}})
+workers = [cluster.add_node(num_cpus=1) for _ in range(3)]  # two trials at a time, and one node spare
+ray.init(address=cluster.address)
+cfg = config.load("jobs/configs/neu.yaml", [
+    f"data.root={bucket}/neu", "model.name=simple_cnn", "input.size=[160,160]", "train.loader_workers=0",
+    "train.batch_size=4", "train.epochs=5", f"ray.storage_path={bucket}/sweeps", "ray.num_workers=1",
+    "ray.max_failures=1", "tune.name=sw", "tune.search=grid", "tune.scheduler=none", "tune.max_concurrent=2",
+    "tune.space={train.lr: {choice: [1e-3, 3e-3]}}", f"s3.endpoint_url={endpoint}"])
+result = {}
+sweeping = threading.Thread(target=lambda: result.update(sweep=tune.run(cfg)))
+sweeping.start()
+fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+deadline = time.monotonic() + 400
+while True:  # both trials past epoch 1's checkpoint
+    fs.invalidate_cache()
+    if len(fs.glob(f"{bucket}/sweeps/sw/train/*/epoch-0002")) == 2:
+        break
+    assert time.monotonic() < deadline and sweeping.is_alive(), "two trials did not reach epoch 2 within 400 s"
+    time.sleep(0.5)
+worker = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
+cluster.remove_node(next(w for w in workers if w.node_id == worker.node_id))
+sweeping.join(900)
+trials = result["sweep"].trials
+fs.invalidate_cache()
+runs = {t: pd.read_csv(fs.open(f"{bucket}/sweeps/sw/train/{t}/metrics.csv")) for t in trials.trial_id}
+print("RESULT", json.dumps({"status": trials.status.tolist(), "epochs": trials.epochs.tolist(),
+                            "runs": {t: {"epochs": r.epoch.tolist(), "resumed": r.resumed_from_epoch.tolist()}
+                                     for t, r in runs.items()}}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.skip(reason="unfinished (issue 22): on 2026-11-28 the sweep had not ended 10 min after the node "
+                         "loss; not yet diagnosed")
+@pytest.mark.slow
+def test_a_sweep_trials_node_lost_resumes_that_trial_and_leaves_the_other(bucket, s3_endpoint, ray_tmp):
+    """Two trials at once, each with its training worker on a node of its own: one of those nodes
+    goes after both trials checkpointed epoch 1 (moto S3). That trial's Train run resumes on the
+    spare node from its checkpoint; the other trial runs on untouched; both end with every epoch."""
+    said = on_s3(SWEEP_NODE_LOST, bucket, s3_endpoint, ray_tmp)
+    assert said["status"] == ["completed", "completed"] and said["epochs"] == [5, 5], said
+    runs = list(said["runs"].values())
+    assert all(r["epochs"] == [1, 2, 3, 4, 5] for r in runs), said
+    assert sorted(max(r["resumed"]) >= 1 for r in runs) == [False, True], "one trial resumed, the other ran on"
