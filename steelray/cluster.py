@@ -34,13 +34,6 @@ def connect(address: str = "") -> bool:
     return True
 
 
-def nodes() -> int:
-    """Alive nodes of the connected cluster."""
-    import ray
-
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
-
-
 def check_shared(paths: list[tuple[str, str]], shared: list[str], address: str = "",
                  setting: str = "ray.shared_paths") -> None:
     """Raise ConfigError naming each setting of ``paths`` ((setting, path) pairs; a setting may
@@ -48,8 +41,9 @@ def check_shared(paths: list[tuple[str, str]], shared: list[str], address: str =
     ``shared``, when the connected cluster has more than one node or its autoscaler can add one."""
     if not connect(address):
         return
-    alive = nodes()
-    can_add = growth(capacity().types) if alive < 2 else ""
+    cap = capacity()
+    alive = len(cap.nodes)
+    can_add = growth(cap.types) if alive < 2 else ""
     if alive < 2 and not can_add:
         return
     roots = [storage.absolute(s).rstrip(os.sep) + os.sep for s in shared]

@@ -209,8 +209,8 @@ def test_the_scoring_pool_grows_when_a_node_joins_mid_job(tmp_path, sheets, ray_
     """Two CPUs at the start hold one model actor and its decode task; a node that joins mid-job
     (the autoscaler's, or a spot node coming back) gets a second model actor in the same run, up to
     score.max_actors. A GPU node's resource alone turns score.device=auto to cuda. Slow (opt-in):
-    Ray Data takes in a new node's resources only after about a minute here (its autoscaling
-    coordinator reserves resources on a 20 s tick), so the job needs minutes of work."""
+    Ray Data takes in a new node's resources only after a while (its autoscaling coordinator
+    refreshes what it reserves periodically), so the job needs minutes of work."""
     said = scenario(POOL_GROWS, tmp_path, sheets, 216, "resnet34", (256, 1600), ray_tmp)
     assert said["at_start"] == ["cpu", 1, 2, 1], said
     assert (said["inputs"], said["scored"]) == (216, 216), said

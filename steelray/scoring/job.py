@@ -205,7 +205,7 @@ def actor_calls(sc: ScoreConfig, device: str) -> int:
 def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple[str, str]],
               partition: str) -> tuple[Placement, dict]:
     """Stream ``todo`` through decode tasks, the model actors and the sink; returns the placement
-    and what the model actors did (``model_actors``)."""
+    and this job's new model actors (``_scorer_actors``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
