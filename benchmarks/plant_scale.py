@@ -32,8 +32,6 @@ from done_set import FIRST_NIGHT, build, digest, moto, night_uris  # noqa: E402
 
 def child(night: int, per_night: int) -> dict:
     """The driver's steps for one job whose inputs are ``night``'s sheets, in this process."""
-    import resource
-
     from steelray import config
     from steelray.scoring import output
     from steelray.scoring.inputs import list_inputs
@@ -42,19 +40,36 @@ def child(night: int, per_night: int) -> dict:
     sc = config.load(None, [f"score.input=s3://plant/incoming/{day}/", "score.output=s3://predictions/out"],
                      config.ScoreJob).score
     output.open_output(sc.output, None)  # imports and the S3 session: not part of the steps
-    start_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start_mib = peak()
     t0 = time.perf_counter()
     inputs = list_inputs(sc, None)
     t1 = time.perf_counter()
+    list_mib = peak()
     dataset = output.open_output(sc.output, None)
     done = set(output.rows_for(dataset, sc.output, digest(0), [u for _, u in inputs], None)
                .column("source_uri").to_pylist())
     t2 = time.perf_counter()
+    done_mib = peak()
     todo = [{"image_id": i, "source_uri": u} for i, u in inputs if u not in done]
     t3 = time.perf_counter()
     return {"inputs": len(inputs), "todo": len(todo), "list_s": t1 - t0, "done_s": t2 - t1, "todo_s": t3 - t2,
-            "files": len(dataset.files) if dataset else 0, "start_mib": start_mib,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "files": len(dataset.files) if dataset else 0, "start_mib": start_mib, "list_mib": list_mib,
+            "done_mib": done_mib, "peak_mib": peak(), "held_mib": held()}
+
+
+def peak() -> float:
+    """This process's peak resident memory so far, MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def held() -> float:
+    """Resident memory now, after a garbage collection, MiB: what stays with the driver for the night."""
+    import gc
+
+    gc.collect()
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def upload(fs, night: int, count: int) -> float:
@@ -78,8 +93,9 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print("command:", " ".join([Path(sys.executable).name] + sys.argv))
-    print("| inputs a night | output files | job | list inputs s | done-set s | work list s | to score | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| inputs a night | output files | job | list inputs s | done-set s | work list s | to score | "
+          "peak MiB: start / listed / done-set / work list | held after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.inputs:
             proc, endpoint = moto(tmp)  # a fresh server per size: moto's memory is not the driver's
@@ -104,7 +120,8 @@ def main() -> None:
                                          capture_output=True, text=True, env=env, check=True)
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     print(f"| {n:,} | {r['files']:,} | {label} | {r['list_s']:.2f} | {r['done_s']:.2f} | "
-                          f"{r['todo_s']:.2f} | {r['todo']:,} | {r['peak_mib']:.0f} (start {r['start_mib']:.0f}) |",
+                          f"{r['todo_s']:.2f} | {r['todo']:,} | {r['start_mib']:.0f} / {r['list_mib']:.0f} / "
+                          f"{r['done_mib']:.0f} / {r['peak_mib']:.0f} | {r['held_mib']:.0f} |",
                           flush=True)
             finally:
                 proc.terminate()
