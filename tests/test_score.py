@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from steelray import checkpoint, cluster, config, data, images, model_io, models, rle, storage
+from steelray import checkpoint, cluster, config, data, images, input_stats, model_io, models, rle, storage
 from steelray.scoring import job as scoring_job
 from steelray.scoring.actor import ActorSettings, Scorer
 from steelray.scoring.compiled import CompiledModel, use_compile
@@ -126,6 +126,7 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
         row = df[df.image_id == name].iloc[0]
         assert message in row.error and name in row.error, row.error
         assert np.isnan(row.prob_1) and row.any_defect is None
+        assert all(np.isnan(getattr(row, c)) for c in input_stats.STATS)
     good = df[df.error.isna()]
     assert len(good) == 5 and (good.height == 256).all() and (good.width == 1600).all()
     for row in good.itertuples():
@@ -134,6 +135,9 @@ def test_prefix_on_s3_every_input_once_errors_named_and_rerun_adds_nothing(ray_l
         np.testing.assert_allclose(got, expected, atol=1e-4)
         assert list(row.labels) == [c for c, p in zip(CLASSES, expected) if p >= 0.5]
         assert row.any_defect == bool(len(row.labels))
+        # the camera's side of each sheet, from the decoded image at its own size
+        want = input_stats.sheet_stats(images.decode_image(files[row.image_id], 1))
+        np.testing.assert_allclose([getattr(row, c) for c in input_stats.STATS], want, rtol=0.02, atol=2e-3)
     assert (df.checkpoint == describe(ckpts["multilabel"]).digest).all() and (df.model == "resnet10t").all()
     fs, path = storage.filesystem(out)
 
@@ -374,6 +378,28 @@ def test_a_file_of_another_family_is_found_behind_the_first_file(tmp_path):
     with pytest.raises(ScoreError, match="holds predictions of another model family") as e:
         check_family(open_output(str(tmp_path), None), str(tmp_path), ours)
     assert other in str(e.value) and "columns this job would add: ['prob_1']" in str(e.value), e.value
+
+
+def test_an_output_written_before_the_input_statistics_takes_new_rows_and_reads_whole(ray_local, tmp_path, sheets,
+                                                                                   ckpts):
+    """A night scored before the decode stage measured sheets (its file lacks the input_* columns) is
+    the same family: the next night's job adds to the output, and ``read_output`` gives every row,
+    with nulls where a sheet was not measured."""
+    names = sorted(os.listdir(sheets.images))[:4]
+    for k, name in enumerate(names):
+        storage.write_bytes(str(tmp_path / f"in{k // 2}" / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    out = str(tmp_path / "out")
+    scoring_job.run(job(f"score.input={tmp_path / 'in0'}", f"score.checkpoint={ckpts['multilabel']}", f"score.output={out}",
+                        "score.run_date=2026-11-21"))
+    (old,) = (tmp_path / "out" / "run_date=2026-11-21").glob("part-*.parquet")
+    pq.write_table(pq.read_table(old).drop_columns(list(input_stats.STATS)), old)  # as the old job wrote it
+    summary = scoring_job.run(job(f"score.input={tmp_path / 'in1'}", f"score.checkpoint={ckpts['multilabel']}",
+                                  f"score.output={out}", "score.run_date=2026-11-22"))
+    assert summary.scored == 2
+    df = read_output(out).to_pandas().set_index("run_date")
+    assert len(df) == 4 and set(input_stats.STATS) <= set(df.columns)
+    assert df.loc["2026-11-21", list(input_stats.STATS)].isna().all().all()
+    assert df.loc["2026-11-22", list(input_stats.STATS)].notna().all().all()
 
 
 def test_dropping_error_rows_rewrites_only_this_versions_error_rows_of_those_images(tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import model_io, rle
+from steelray import input_stats, model_io, rle
 from steelray.scoring.compiled import CompileCache, CompiledModel, padded_size
 from steelray.scoring.plan import ModelInfo, Plan, classify, column_name, gate_classes
 from steelray.storage import S3Config
@@ -113,6 +113,8 @@ class Scorer:
                 "height": [int(v) if i in ok_set else None for i, v in enumerate(batch["height"])],
                 "width": [int(v) if i in ok_set else None for i, v in enumerate(batch["width"])],
                 "error": errors}
+        for k, name in enumerate(input_stats.STATS):
+            base[name] = [float(v) if i in ok_set else None for i, v in enumerate(batch["input_stats"][:, k])]
         data = {f.name: base[f.name] if f.name in base else [r.get(f.name) for r in rows] for f in self.schema}
         return pa.Table.from_pydict(data, schema=self.schema)
 

@@ -1,6 +1,6 @@
 """The CPU stage of the scoring pipeline: read each input's bytes (threads, S3 retries with backoff),
-decode and check them, and resize them as the checkpoint's preprocessing says. Every failure becomes
-the row's ``error``. Imports no torch: these workers stay light."""
+decode and check them, measure them (``input_stats``), and resize them as the checkpoint's
+preprocessing says. Every failure becomes the row's ``error``. Imports no torch: these workers stay light."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from steelray import model_io, storage
+from steelray import input_stats, model_io, storage
 from steelray.images import SEVERSTAL_SIZE, DataError, decode_image
 from steelray.storage import S3Config
 
@@ -34,14 +34,15 @@ def read_all(uris: list[str], s3: S3Config | None, retries: int, threads: int) -
 
 def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Config | None,
                     retries: int, threads: int) -> dict:
-    """Bytes -> uint8 (N, H, W, C) per model input (``image_<k>``), resized by ``model_io.resize``.
-    A row whose input could not be read, decoded or is of the wrong size has its ``error`` set and
-    zeros for pixels."""
+    """Bytes -> uint8 (N, H, W, C) per model input (``image_<k>``), resized by ``model_io.resize``, and
+    (N, S) ``input_stats`` of each image at its own size. A row whose input could not be read, decoded
+    or is of the wrong size has its ``error`` set, zeros for pixels and NaN for statistics."""
     uris = [str(u) for u in batch["source_uri"]]
     pres = [model_io.Preprocess.from_dict(p) for p in inputs]
     n = len(uris)
     images = [np.zeros((n, *p.size, p.in_chans), np.uint8) for p in pres]
     height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    stats = np.full((n, len(input_stats.STATS)), np.nan, np.float32)
     errors = [""] * n
     for i, (uri, blob) in enumerate(zip(uris, read_all(uris, s3, retries, threads))):
         if isinstance(blob, str):
@@ -59,10 +60,11 @@ def read_and_decode(batch: dict, *, inputs: list[dict], expect_size, s3: S3Confi
                                     f"{expect_size[1]}x{expect_size[0]}")
                 images[k][i] = model_io.resize(img, p.size)
             height[i], width[i] = h, w
+            stats[i] = input_stats.sheet_stats(next(iter(decoded.values())))
         except DataError as e:
             errors[i] = str(e)
     out = {"image_id": np.asarray(batch["image_id"], dtype=object), "source_uri": np.asarray(uris, dtype=object),
-           "height": height, "width": width, "error": np.asarray(errors, dtype=object)}
+           "height": height, "width": width, "input_stats": stats, "error": np.asarray(errors, dtype=object)}
     for k, arr in enumerate(images):
         out[f"image_{k}"] = arr
     return out

@@ -20,7 +20,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from steelray import storage
+from steelray import input_stats, storage
 from steelray.scoring.plan import CLASSES_KEY, ScoreError, file_tag
 from steelray.storage import S3Config
 
@@ -76,8 +76,22 @@ def _version_of(path: str) -> str | None:
 
 
 def open_output(output: str, s3: S3Config | None) -> pds.Dataset | None:
-    """The output's Parquet files as one dataset, listed afresh; None where it has none yet."""
-    return storage.parquet_dataset(output, s3, PARTITIONING)
+    """The output's Parquet files as one dataset, listed afresh; None where it has none yet. Its
+    columns are the first file's plus the input statistics where that file predates them (files
+    without them read as nulls there): readers would otherwise drop them from every file."""
+    dataset = storage.parquet_dataset(output, s3, PARTITIONING)
+    if dataset is None or "width" not in dataset.schema.names or set(input_stats.STATS) <= set(dataset.schema.names):
+        return dataset
+    fields = list(dataset.schema)
+    at = dataset.schema.get_field_index("width") + 1
+    return dataset.replace_schema(pa.schema(fields[:at] + [pa.field(n, t) for n, t in input_stats.fields()] + fields[at:],
+                                            metadata=dataset.schema.metadata))
+
+
+def family_names(names: list[str]) -> list[str]:
+    """The columns that make a model family: all but the input statistics, which files written
+    before they existed lack (they read as nulls, ``open_output``)."""
+    return [n for n in names if n not in input_stats.STATS and n != "run_date"]
 
 
 def check_family(dataset: pds.Dataset | None, output: str, schema: pa.Schema) -> None:
@@ -95,9 +109,10 @@ def check_family(dataset: pds.Dataset | None, output: str, schema: pa.Schema) ->
         seen.add(version)
         there = dataset.schema if first else pq.read_schema(path, filesystem=dataset.filesystem)
         have = [n for n in there.names if n != "run_date"]
-        if have != schema.names:
+        if family_names(have) != family_names(schema.names):
             classes = (there.metadata or {}).get(CLASSES_KEY, b"?").decode()
-            missing, extra = [n for n in schema.names if n not in have], [n for n in have if n not in schema.names]
+            missing = [n for n in family_names(schema.names) if n not in have]
+            extra = [n for n in family_names(have) if n not in schema.names]
             where = output if first else f"{output} ({path})"
             raise ScoreError(f"{where}: holds predictions of another model family (classes {classes}; columns "
                              f"this job would add: {missing or 'none'}, columns it would lack: {extra or 'none'}); "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import metrics, storage
+from steelray import input_stats, metrics, storage
 from steelray.config import ScoreConfig
 from steelray.images import SEVERSTAL_SIZE
 from steelray.model_io import Preprocess
@@ -127,7 +127,7 @@ class Plan:
     def schema(self) -> pa.Schema:
         fields = [("image_id", pa.string()), ("source_uri", pa.string()), ("model", pa.string()),
                   ("checkpoint", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
-                  ("height", pa.int32()), ("width", pa.int32())]
+                  ("height", pa.int32()), ("width", pa.int32()), *input_stats.fields()]
         if self.cascade:
             fields += [(f"gate_prob_{column_name(c)}", pa.float32()) for c in self.primary.classes]
             fields.append(("flagged", pa.bool_()))
