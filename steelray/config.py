@@ -4,37 +4,22 @@
 
 Every value is checked before any work starts: an unknown key names the valid keys, a wrong type
 names the expected type, a value out of range or not among the choices says which are allowed.
-This is a small loader of our own rather than OmegaConf or pydantic: the brief asks for plain
-dataclasses, and neither library's errors list the valid keys and choices as we need them to.
+The loader's mechanics (overrides, types, ranges) are in ``steelray.config_loader``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import yaml
 
 from steelray import storage
+from steelray.config_loader import (SECRET_MASK, ConfigError, apply_override, build, coerce, is_date,  # noqa: F401
+                                     setting, to_dict)
 from steelray.storage import S3Config
 
 Task = Literal["binary", "multilabel", "multiclass", "segmentation"]
-SECRET_MASK = "***"
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or out of range."""
-
-
-def _f(default: Any, *, min: float | None = None, max: float | None = None, secret: bool = False):
-    """A dataclass field with an optional inclusive range; lists get a fresh copy per instance."""
-    meta = {"min": min, "max": max, "secret": secret}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass
@@ -46,18 +31,18 @@ class DataConfig:
     labels_csv: str = ""           # relative to root; severstal: train.csv; neu: optional; csv: required
     images_dir: str = ""           # relative to root; severstal: train_images; neu: images/ if present
     image_column: str = "image"    # csv: column with the image path (relative to images_dir) or URI
-    label_columns: list[str] = _f(["label"])  # csv: one column of class names, or one 0/1 column per class
+    label_columns: list[str] = setting(["label"])  # csv: one column of class names, or one 0/1 column per class
     label_separator: str = ""      # csv: separator for several class names in one cell (e.g. "|")
     group_column: str = ""         # csv: rows sharing this value (a coil, a camera run) share a split
-    classes: list[str] = _f([])    # empty: the format's own (severstal 1..4, the six NEU classes)
-    in_chans: int = _f(1, min=1, max=3)
+    classes: list[str] = setting([])    # empty: the format's own (severstal 1..4, the six NEU classes)
+    in_chans: int = setting(1, min=1, max=3)
     verify_images: bool = True     # decode every image while building the manifest
     on_bad_input: Literal["fail", "drop"] = "fail"
-    val_fraction: float = _f(0.2, min=0.01, max=0.9)
-    folds: int = _f(0, min=0)      # >= 2: k-fold split, ``fold`` picks the validation fold
-    fold: int = _f(0, min=0)
+    val_fraction: float = setting(0.2, min=0.01, max=0.9)
+    folds: int = setting(0, min=0)      # >= 2: k-fold split, ``fold`` picks the validation fold
+    fold: int = setting(0, min=0)
     seed: int = 0
-    limit: int = _f(0, min=0)      # > 0: use only the first N images (quick runs)
+    limit: int = setting(0, min=0)      # > 0: use only the first N images (quick runs)
 
 
 @dataclass
@@ -68,16 +53,16 @@ class ModelConfig:
     arch: Literal["unet", "fpn"] = "unet"
     pretrained: bool = False       # hub weights when reachable, else ``weights``
     weights: str = ""              # local or s3:// weights file for offline clusters
-    dropout: float = _f(0.0, min=0.0, max=0.95)
-    freeze_stages: int = _f(0, min=0, max=5)
+    dropout: float = setting(0.0, min=0.0, max=0.95)
+    freeze_stages: int = setting(0, min=0, max=5)
 
 
 @dataclass
 class InputConfig:
     """Preprocessing: stored in every checkpoint so scoring rebuilds it exactly."""
 
-    size: list[int] = _f([224, 224])   # [height, width] the model sees (resize)
-    crop: list[int] = _f([])           # [height, width] random crops at full resolution for training
+    size: list[int] = setting([224, 224])   # [height, width] the model sees (resize)
+    crop: list[int] = setting([])           # [height, width] random crops at full resolution for training
     augment: Literal["none", "light", "medium", "strong", "robust"] = "light"  # robust: medium plus
                                    # +-30% brightness/contrast, blur and noise (lighting in the field)
     normalize: Literal["dataset", "image"] = "dataset"  # dataset: fixed mean/std (the model's own);
@@ -86,18 +71,18 @@ class InputConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(10, min=1)
-    batch_size: int = _f(32, min=1)             # per worker; the global batch is this x ray.num_workers
-    lr: float = _f(3e-4, min=0.0)
-    weight_decay: float = _f(1e-4, min=0.0)
+    epochs: int = setting(10, min=1)
+    batch_size: int = setting(32, min=1)             # per worker; the global batch is this x ray.num_workers
+    lr: float = setting(3e-4, min=0.0)
+    weight_decay: float = setting(1e-4, min=0.0)
     scheduler: Literal["none", "cosine"] = "cosine"
-    warmup_epochs: float = _f(1.0, min=0.0)
-    grad_clip: float = _f(0.0, min=0.0)           # 0: off
-    accum_steps: int = _f(1, min=1)
-    label_smoothing: float = _f(0.0, min=0.0, max=0.5)  # multiclass cross-entropy only
+    warmup_epochs: float = setting(1.0, min=0.0)
+    grad_clip: float = setting(0.0, min=0.0)           # 0: off
+    accum_steps: int = setting(1, min=1)
+    label_smoothing: float = setting(0.0, min=0.0, max=0.5)  # multiclass cross-entropy only
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     imbalance: Literal["none", "pos_weight", "sampler"] = "pos_weight"
-    loader_workers: int = _f(2, min=0)            # DataLoader processes per worker (decode + augment)
+    loader_workers: int = setting(2, min=0)            # DataLoader processes per worker (decode + augment)
     metric: str = ""                              # empty: macro_f1 (classifiers) or dice (segmenters)
     seed: int = 0
 
@@ -105,13 +90,13 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str = ""              # empty: connect to the running cluster, or start a local one
-    num_workers: int = _f(2, min=1)
+    num_workers: int = setting(2, min=1)
     use_gpu: bool = False
-    cpus_per_worker: float = _f(1.0, min=0.0)
+    cpus_per_worker: float = setting(1.0, min=0.0)
     storage_path: str = "~/steelray-runs"   # local folder or s3:// prefix for runs and checkpoints
     run_name: str = ""             # empty: derived from task, model and time; same name resumes
-    max_failures: int = _f(0, min=-1)
-    shared_paths: list[str] = _f([])  # local folders every node of the cluster mounts (NFS, EFS...);
+    max_failures: int = setting(0, min=-1)
+    shared_paths: list[str] = setting([])  # local folders every node of the cluster mounts (NFS, EFS...);
                                    # other local paths are refused on a cluster of more than one node
 
 
@@ -121,13 +106,13 @@ class TuneConfig:
 
     name: str = ""                 # sweep folder under ray.storage_path; empty: derived; same name resumes
     search: Literal["random", "grid", "optuna"] = "random"  # optuna: its TPE sampler (pip install optuna)
-    num_samples: int = _f(0, min=0)  # trials; 0: 5 (random, optuna) or every grid point once (grid)
+    num_samples: int = setting(0, min=0)  # trials; 0: 5 (random, optuna) or every grid point once (grid)
     scheduler: Literal["asha", "none"] = "asha"  # asha: stop trials that lag at each rung
-    grace_period: int = _f(1, min=1)       # ASHA: epochs every trial runs before it may be stopped
-    reduction_factor: int = _f(2, min=2)   # ASHA: 1/reduction_factor of the trials go on at each rung
-    max_concurrent: int = _f(0, min=0)     # 0: as many trials as the cluster's CPUs/GPUs hold now
+    grace_period: int = setting(1, min=1)       # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = setting(2, min=2)   # ASHA: 1/reduction_factor of the trials go on at each rung
+    max_concurrent: int = setting(0, min=0)     # 0: as many trials as the cluster's CPUs/GPUs hold now
     seed: int = 0                  # sampler seed
-    space: dict[str, dict] = _f({})  # "section.key": {loguniform|uniform|int: [lo, hi]} or {choice|grid: [...]};
+    space: dict[str, dict] = setting({})  # "section.key": {loguniform|uniform|int: [lo, hi]} or {choice|grid: [...]};
                                    # empty: the Optuna study's lr, batch size, frozen stages, scheduler
 
 
@@ -144,21 +129,21 @@ class ScoreConfig:
     segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
     output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date
     run_date: str = ""             # partition value; empty: today's UTC date (YYYY-MM-DD)
-    suffixes: list[str] = _f([])   # only files ending so (e.g. [.jpg]); empty: every file is an input
-    expect_size: list[int] = _f([])  # [height, width] every sheet must have; empty: 256x1600 for
+    suffixes: list[str] = setting([])   # only files ending so (e.g. [.jpg]); empty: every file is an input
+    expect_size: list[int] = setting([])  # [height, width] every sheet must have; empty: 256x1600 for
                                    # checkpoints trained on Severstal, any size otherwise
-    min_area: list[int] = _f([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
-    batch_size: int = _f(0, min=0)       # images per model call; 0: 256 on GPU (where a batch does
+    min_area: list[int] = setting([])   # per class, segmenters: smaller masks are dropped; empty: checkpoint's, else 0
+    batch_size: int = setting(0, min=0)       # images per model call; 0: 256 on GPU (where a batch does
                                          # not fit in GPU memory the actor halves it, logged), 16 on CPU
-    actors: int = _f(0, min=0)           # a fixed number of model actors; 0: a pool that grows with the
+    actors: int = setting(0, min=0)           # a fixed number of model actors; 0: a pool that grows with the
                                    # cluster, from 1 to max_actors, starting with what fits now
-    max_actors: int = _f(0, min=0)       # the pool's limit; 0: what the cluster can grow to (its
+    max_actors: int = setting(0, min=0)       # the pool's limit; 0: what the cluster can grow to (its
                                    # autoscaler's node types): one per actor_gpus of each GPU, on CPU
                                    # one per actor_cpus + 1 (a decode task's CPU) of each CPU
-    actor_gpus: float = _f(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
-    actor_cpus: float = _f(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
-    actor_threads: int = _f(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
-    actor_calls: int = _f(0, min=0)      # batches an actor takes at once: above 1, Ray Data fetches and
+    actor_gpus: float = setting(1.0, min=0.05, max=1.0)  # GPU share per actor: 0.5 puts two actors on each GPU
+    actor_cpus: float = setting(1.0, min=0.0)  # CPUs reserved per actor (leave some for decoding)
+    actor_threads: int = setting(0, min=0)    # torch threads per actor; 0: max(1, actor_cpus)
+    actor_calls: int = setting(0, min=0)      # batches an actor takes at once: above 1, Ray Data fetches and
                                    # stitches the next batches while the model runs (the model still runs
                                    # one batch at a time); 0: 4 on GPU, 1 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs or its
@@ -171,17 +156,17 @@ class ScoreConfig:
                                    # compiling everything again; empty: off
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on
                                    # CPU; bf16-mixed: autocast; bf16: weights and inputs in bfloat16
-    decode_batch: int = _f(32, min=1)    # images per read+decode task
-    read_threads: int = _f(8, min=1)     # concurrent reads per decode task (S3 latency)
-    rows_per_file: int = _f(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)
-    retries: int = _f(5, min=0)          # S3 attempts beyond the first, with exponential backoff
+    decode_batch: int = setting(32, min=1)    # images per read+decode task
+    read_threads: int = setting(8, min=1)     # concurrent reads per decode task (S3 latency)
+    rows_per_file: int = setting(1000, min=1)  # rows per Parquet file (at least; the last may be smaller)
+    retries: int = setting(5, min=0)          # S3 attempts beyond the first, with exponential backoff
     retry_errors: bool = False     # score again the inputs whose row for this checkpoint is an error
                                    # (an S3 outage, a file fixed in place); the error row is replaced
-    lock_ttl: int = _f(300, min=0)       # seconds: one job per output and model version at a time;
+    lock_ttl: int = setting(300, min=0)       # seconds: one job per output and model version at a time;
                                    # another job's lock counts as abandoned when its process has ended
                                    # (same host) or it has not renewed it for this long; 0: no lock
     address: str = ""              # Ray cluster; empty: the running one, or a local one
-    shared_paths: list[str] = _f([])  # local folders every node of the cluster mounts (NFS, EFS...);
+    shared_paths: list[str] = setting([])  # local folders every node of the cluster mounts (NFS, EFS...);
                                    # other local inputs and outputs are refused on more than one node
 
 
@@ -197,12 +182,12 @@ class SynthConfig:
 
     format: Literal["severstal", "neu"] = "severstal"
     out: str = ""                  # folder or s3:// prefix
-    n: int = _f(100, min=1)        # severstal: sheets; neu: images per class
+    n: int = setting(100, min=1)        # severstal: sheets; neu: images per class
     seed: int = 0                  # same seed, same images
-    defect_free_share: float = _f(0.47, min=0.0, max=1.0)  # severstal: sheets without defects
-    class_freq: list[float] = _f([0.13, 0.035, 0.72, 0.115], min=0.0)  # severstal: classes 1-4 among defects
-    multi_share: float = _f(0.06, min=0.0, max=1.0)  # severstal: defective sheets with a second class
-    workers: int = _f(0, min=0)    # processes; 0: the CPU count, at most 8
+    defect_free_share: float = setting(0.47, min=0.0, max=1.0)  # severstal: sheets without defects
+    class_freq: list[float] = setting([0.13, 0.035, 0.72, 0.115], min=0.0)  # severstal: classes 1-4 among defects
+    multi_share: float = setting(0.06, min=0.0, max=1.0)  # severstal: defective sheets with a second class
+    workers: int = setting(0, min=0)    # processes; 0: the CPU count, at most 8
     montage: str = ""              # also a PNG montage of the first images, here
 
 
@@ -218,12 +203,12 @@ class EvaluateConfig:
 
     checkpoint: str = ""           # checkpoint folder or s3:// prefix
     split: Literal["val", "all"] = "val"  # val: the training run's validation split; all: every image
-    min_recall: dict[str, float] = _f({})  # class -> recall its calibrated threshold must keep
+    min_recall: dict[str, float] = setting({})  # class -> recall its calibrated threshold must keep
     robustness: bool = True        # also under glare, dimming, under-exposure, blur and noise
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = _f(32, min=1)
-    loader_workers: int = _f(0, min=0)
-    limit: int = _f(0, min=0)      # > 0: the first N images only (quick looks)
+    batch_size: int = setting(32, min=1)
+    loader_workers: int = setting(0, min=0)
+    limit: int = setting(0, min=0)      # > 0: the first N images only (quick looks)
     out: str = ""                  # report folder; empty: reports/<model>-<checkpoint folder name>
     write_thresholds: bool = False  # store the calibrated thresholds in the checkpoint (scoring uses them)
 
@@ -231,7 +216,7 @@ class EvaluateConfig:
 @dataclass
 class EvaluateJob:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    data: dict[str, Any] = _f({})  # data.* settings of the labelled set over the checkpoint's own (empty:
+    data: dict[str, Any] = setting({})  # data.* settings of the labelled set over the checkpoint's own (empty:
                                    # its training data); any other root means all of that set's images
     s3: S3Config = field(default_factory=S3Config)
 
@@ -262,30 +247,15 @@ def load(path: str | None = None, overrides: Sequence[str] = (), cls: type = Non
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return from_dict(raw, cls or Config)
 
 
 def from_dict(raw: dict, cls: type = Config) -> Any:
     """Build and validate a config dataclass from a plain (possibly partial) dict."""
-    cfg = _build(cls, raw, "")
+    cfg = build(cls, raw, "")
     _check_consistency(cfg)
     return cfg
-
-
-def to_dict(cfg: Any, *, redact: bool = True) -> dict:
-    """Plain dict of a config; secret fields are masked unless ``redact=False``."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value, redact=redact)
-        elif redact and f.metadata.get("secret") and value:
-            value = SECRET_MASK
-        elif isinstance(value, (list, dict)):
-            value = type(value)(value)
-        out[f.name] = value
-    return out
 
 
 def dump(cfg: Config) -> str:
@@ -297,116 +267,6 @@ def save(cfg: Config, uri: str, s3: S3Config | None = None) -> str:
     """Write the (redacted) config as YAML to a local path or s3:// URI; returns the URI."""
     storage.write_text(uri, dump(cfg), s3 or cfg.s3)
     return uri
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.lr=3e-4")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a section (mapping), got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        raise ConfigError(f"{key}: unknown key; valid keys{' in ' + where if where else ''}: "
-                          f"{', '.join(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        key = f"{where}.{name}" if where else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
-        else:
-            value = _coerce(value, hint, key)
-            _check_range(value, fields[name].metadata, key)
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if not any(type(c) is type(value) and c == value for c in choices):  # 1 is not True here
-            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: "
-                              f"{', '.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
-        value = {str(k): v for k, v in value.items()}  # YAML reads class names 1, 2 as numbers
-        _, item_type = typing.get_args(hint)
-        if item_type in (int, float, str, bool):
-            return {k: _coerce(v, item_type, f"{key}.{k}") for k, v in value.items()}
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):  # class ids written as 1, 2, 3
-            return str(value)
-        if isinstance(value, datetime.date):  # YAML reads 2026-11-22 as a date
-            return value.isoformat()
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
-    lo, hi = meta.get("min"), meta.get("max")
-    for v in value if isinstance(value, list) else [value]:
-        if lo is not None and v < lo:
-            raise ConfigError(f"{key}: must be >= {lo}, got {v}")
-        if hi is not None and v > hi:
-            raise ConfigError(f"{key}: must be <= {hi}, got {v}")
-
-
-def _is_date(text: str) -> bool:
-    try:
-        return datetime.date.fromisoformat(text).isoformat() == text
-    except ValueError:
-        return False
 
 
 def _check_consistency(cfg: Any) -> None:
@@ -422,7 +282,7 @@ def _check_consistency(cfg: Any) -> None:
             raise ConfigError(f"score.expect_size: expected [height, width], got {sc.expect_size}")
         if any(a < 0 for a in sc.min_area):
             raise ConfigError(f"score.min_area: must be >= 0 per class, got {sc.min_area}")
-        if sc.run_date and not _is_date(sc.run_date):
+        if sc.run_date and not is_date(sc.run_date):
             raise ConfigError(f"score.run_date: expected YYYY-MM-DD, got {sc.run_date!r}")
         return
     if not isinstance(cfg, Config):
@@ -472,7 +332,7 @@ def _check_space(cfg: Config) -> None:
             raise ConfigError(f"{key}: {kind} needs a non-empty list, got {values!r}")
         if kind in ("loguniform", "uniform", "int"):
             try:  # YAML reads 1e-5 (no dot) as a string
-                values = [_coerce(v, int if kind == "int" else float, key) for v in values]
+                values = [coerce(v, int if kind == "int" else float, key) for v in values]
             except ConfigError:
                 values = None
             if (values is None or len(values) != 2 or not values[0] < values[1]
@@ -490,7 +350,7 @@ def _check_space(cfg: Config) -> None:
         for v in values:
             trial = {**base, section: {**base[section], field_name: v}}
             try:
-                built = _build(Config, trial, "")
+                built = build(Config, trial, "")
             except ConfigError as e:
                 raise ConfigError(f"{key}: value {v!r} does not make a valid config: {e}") from None
             checked.append(getattr(getattr(built, section), field_name))  # typed: "1e-3" -> 0.001
