@@ -61,6 +61,8 @@ def main(argv=None) -> int:
         print(f"  threshold {ch['class']}: {ch['threshold']:.3f} ({ch['policy']})")
     if opts.write_thresholds:
         print(f"thresholds written to {evaluate.write_back(ev)}")
+    if reference := evaluate.keep_reference(ev):
+        print(f"probabilities kept for the night report's drift reference: {reference}")
     print(f"metrics: {written['metrics.json']}")
     print(f"report: {written['report.html']}")
     return cli.DONE

@@ -23,6 +23,7 @@ from steelray.model_io import Preprocess
 from steelray.storage import S3Config
 
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
+REFERENCE = "reference.parquet"  # validation probabilities (evaluate.keep_reference): the drift reference
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ import logging
 
 from steelray import config
 
-DONE, FAILED, BAD_ARGUMENTS, BUSY = 0, 1, 2, 3
+DONE, FAILED, BAD_ARGUMENTS, BUSY, ALERT = 0, 1, 2, 3, 4
 
 
 def parser(doc: str, exit_codes: dict[int, str], config_required: bool = False,

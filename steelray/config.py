@@ -222,6 +222,33 @@ class EvaluateJob:
 
 
 @dataclass
+class NightReportConfig:
+    """The morning report over one night of a scoring output (``jobs/night_report.py``)."""
+
+    output: str = ""               # the scoring output's root (score.output), local or s3://
+    night: str = ""                # its run_date, YYYY-MM-DD; empty: the newest night there
+    nights: int = setting(7, min=0, max=366)  # nights before it (those in the output) for trends and reference
+    version: str = ""              # model version (the output's checkpoint column); empty: tonight's most rows
+    checkpoint: str = ""           # or the checkpoint folder itself: its version, and its validation
+                                   # predictions (kept by jobs/evaluate.py) as the reference for drift
+    candidate: str = ""            # a second version (or checkpoint folder) compared on the same sheets
+    reference: Literal["auto", "validation", "nights"] = "auto"  # probabilities' drift reference;
+                                   # auto: validation where the checkpoint has it, else the nights before
+    max_ks: float = setting(0.2, min=0.0, max=1.0)  # drift flag: KS statistic at least this ...
+    max_p: float = setting(0.001, min=0.0, max=1.0)  # ... and p-value below this (drift.py)
+    max_error_rate: float = setting(0.02, min=0.0, max=1.0)  # error rows past this share of the night alert
+    gallery: int = setting(6, min=0, max=48)  # most confident sheets per class (and disagreements) shown
+    review: int = setting(100, min=0)  # sheets nearest the decision threshold in review.csv
+    out: str = ""                  # folder for report.html/.json and review.csv; empty: <output>/_reports/<night>-<version>
+
+
+@dataclass
+class NightReportJob:
+    report: NightReportConfig = field(default_factory=NightReportConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
 class Config:
     task: Task = "multilabel"
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,6 +311,10 @@ def _check_consistency(cfg: Any) -> None:
             raise ConfigError(f"score.min_area: must be >= 0 per class, got {sc.min_area}")
         if sc.run_date and not is_date(sc.run_date):
             raise ConfigError(f"score.run_date: expected YYYY-MM-DD, got {sc.run_date!r}")
+        return
+    if isinstance(cfg, NightReportJob):
+        if cfg.report.night and not is_date(cfg.report.night):
+            raise ConfigError(f"report.night: expected YYYY-MM-DD, got {cfg.report.night!r}")
         return
     if not isinstance(cfg, Config):
         return

@@ -339,6 +339,30 @@ def write_back(ev: Evaluation) -> str:
     return meta_uri
 
 
+def keep_reference(ev: Evaluation) -> str | None:
+    """A classifier's probabilities on the evaluated set, kept in its checkpoint (``checkpoint.REFERENCE``)
+    (one ``prob_<class>`` column per class, as scoring names them): the night report's reference for
+    drift. Segmenters keep none (returns None)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steelray.scoring.plan import column_name
+
+    if ev.probs is None:
+        return None
+    probs = ev.probs.reshape(len(ev.probs), -1).astype(np.float32)
+    table = pa.table({f"prob_{column_name(c)}": probs[:, k] for k, c in enumerate(ev.classes)})
+    table = table.replace_schema_metadata({"steelray.reference": json.dumps(
+        {"at": ev.started, "data": ev.cfg.data.root, "split": ev.job.evaluate.split, "images": len(ev.manifest)})})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = storage.join(ev.job.evaluate.checkpoint, checkpoint.REFERENCE)
+    storage.write_bytes(uri, buf.getvalue(), ev.job.s3)
+    return uri
+
+
 # --- robustness ---------------------------------------------------------------------------------
 
 # glare adds stray light (an offset) and washes out contrast; dimming is less light, which scales every

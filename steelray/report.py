@@ -65,13 +65,7 @@ def _jsonable(x):
     return x
 
 
-TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>steelray evaluation: {{ s.model.name }} {{ s.task }}</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+STYLE = """body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
@@ -82,7 +76,15 @@ table.card td, td.text { text-align: left; }
 .headline b { display: block; font-size: 1.4rem; }
 .bad { color: #b00020; } .good { color: #006400; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: .85rem; }
-</style>
+"""  # shared with the night report
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>steelray evaluation: {{ s.model.name }} {{ s.task }}</title>
+<style>
+{{ style | safe }}</style>
 </head>
 <body>
 <h1>Evaluation of {{ s.model.name }} ({{ s.task }})</h1>
@@ -176,7 +178,7 @@ def render(ev: evaluate.Evaluation, summary: dict, pngs: dict) -> str:
     return env.from_string(TEMPLATE).render(
         s=_jsonable(summary), headline=headline, overall=overall, per_class_cols=cols, fmt=_fmt,
         preprocess=model_io.Preprocess.from_dict(ev.meta["preprocess"]).to_dict(), train_cfg=_Attr(ev.meta["config"]) if train_cfg else None,
-        images=[(n, base64.b64encode(p).decode()) for n, p in pngs.items()], captions=CAPTIONS)
+        images=[(n, base64.b64encode(p).decode()) for n, p in pngs.items()], captions=CAPTIONS, style=STYLE)
 
 
 class _Attr(dict):

@@ -69,7 +69,7 @@ class ParquetSink(Datasink):
         return {"rows": table.num_rows, "files": [name]}
 
 
-def _version_of(path: str) -> str | None:
+def version_of(path: str) -> str | None:
     """The model version (file tag) a ``ParquetSink`` file is named for; None for other names."""
     m = _PART_NAME.search(path.rsplit("/", 1)[-1])
     return m.group(1) if m else None
@@ -103,7 +103,7 @@ def check_family(dataset: pds.Dataset | None, output: str, schema: pa.Schema) ->
         return
     first, seen = True, set()
     for path in dataset.files:
-        version = _version_of(path)
+        version = version_of(path)
         if version in seen:
             continue
         seen.add(version)
@@ -134,7 +134,7 @@ def rows_for(dataset: pds.Dataset | None, output: str, digest: str, uris: list[s
                       "file": pa.array([], pa.string())})
     if dataset is None or "checkpoint" not in dataset.schema.names or not uris:
         return empty
-    ours = [f for f in dataset.files if _version_of(f) in (None, file_tag(digest))]
+    ours = [f for f in dataset.files if version_of(f) in (None, file_tag(digest))]
     if len(ours) < len(dataset.files):
         dataset = storage.parquet_dataset(output, s3, PARTITIONING, [storage.dataset_uri(output, f) for f in ours])
     if dataset is None:

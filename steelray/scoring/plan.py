@@ -23,7 +23,8 @@ from steelray.storage import S3Config
 
 # Class names that mean "no defect" for a multi-class classifier's any_defect flag and cascade gate.
 NO_DEFECT_NAMES = {"ok", "no_defect", "nodefect", "no-defect", "none", "normal", "clean", "good", "0"}
-CLASSES_KEY = b"steelray.classes"   # Parquet schema metadata: the class names behind the columns
+CLASSES_KEY = b"steelray.classes"   # Parquet schema metadata: the class names behind the columns,
+DECISION_KEY = b"steelray.decision"  # and the final model's task and thresholds (its version fixes them)
 
 
 class ScoreError(RuntimeError):
@@ -136,7 +137,9 @@ class Plan:
             fields += [(f"rle_{column_name(c)}", pa.string()) for c in self.final.classes]
             fields += [(f"area_{column_name(c)}", pa.int64()) for c in self.final.classes]
         fields += [("labels", pa.list_(pa.string())), ("any_defect", pa.bool_()), ("error", pa.string())]
-        return pa.schema(fields, metadata={CLASSES_KEY: json.dumps(list(self.final.classes))})
+        decision = {"task": self.final.task, "thresholds": list(self.final.thresholds)}
+        return pa.schema(fields, metadata={CLASSES_KEY: json.dumps(list(self.final.classes)),
+                                           DECISION_KEY: json.dumps(decision)})
 
 
 def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
