@@ -57,7 +57,7 @@ def night_uris(n: int, count: int) -> list[str]:
 
 def build(root: str, nights: int, per_night: int, per_file: int, versions: int, first: int = 0) -> int:
     """The output of nightly jobs ``first`` to ``nights - 1`` of each version; returns its number of files."""
-    from steelray import storage
+    from steelray import input_stats, storage
     from steelray.scoring.plan import ModelInfo, Plan
 
     fs, base = storage.filesystem(root)
@@ -81,6 +81,8 @@ def build(root: str, nights: int, per_night: int, per_file: int, versions: int, 
                 cols["labels"] = [[c for j, c in enumerate(CLASSES) if p[j] > 0.5] for p in probs]
                 cols["any_defect"] = (probs > 0.5).any(axis=1)
                 cols["error"] = [None] * k
+                for name, value in zip(input_stats.STATS, rng.random((len(input_stats.STATS), k), dtype=np.float32)):
+                    cols[name] = value
                 table = pa.Table.from_pydict(cols, schema=schema)
                 tag = hashlib.sha1("\n".join([info.digest] + chunk).encode()).hexdigest()[:16]
                 path = f"{base}/run_date={FIRST_NIGHT + dt.timedelta(days=n)}/part-{info.digest}-{tag}.parquet"

@@ -57,6 +57,20 @@ def child(night: int, per_night: int) -> dict:
             "done_mib": done_mib, "peak_mib": peak(), "held_mib": held()}
 
 
+def child_s3fs_listing(night: int) -> dict:
+    """The listing as the job did it before 2026-11-28 (s3fs ``find``: a metadata dict per key, cached),
+    alone, for the side-by-side row."""
+    from steelray import storage
+
+    fs, path = storage.filesystem(f"s3://plant/incoming/{FIRST_NIGHT + dt.timedelta(days=night)}/")
+    fs.ls("plant")
+    start = peak()
+    t = time.perf_counter()
+    uris = sorted(f"s3://{p}" for p in fs.find(path) if not p.endswith("/"))
+    return {"inputs": len(uris), "list_s": time.perf_counter() - t, "start_mib": start, "peak_mib": peak(),
+            "held_mib": held()}
+
+
 def peak() -> float:
     """This process's peak resident memory so far, MiB."""
     import resource
@@ -84,6 +98,9 @@ def upload(fs, night: int, count: int) -> float:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(int(sys.argv[2]), int(sys.argv[3]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-s3fs":
+        print(json.dumps(child_s3fs_listing(int(sys.argv[2]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--inputs", type=int, nargs="+", default=[10_000, 100_000])
@@ -113,6 +130,11 @@ def main() -> None:
                 built = time.perf_counter() - t
                 up = upload(fs, args.nights, n)
                 print(f"<!-- {n}: output built in {built:.0f} s, inputs uploaded in {up:.0f} s -->", flush=True)
+                out = subprocess.run([sys.executable, __file__, "--child-s3fs", str(args.nights)],
+                                     capture_output=True, text=True, env=env, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {n:,} | | listing alone, s3fs find (the job before 2026-11-28) | {r['list_s']:.2f} | | | | "
+                      f"{r['start_mib']:.0f} / {r['peak_mib']:.0f} | {r['held_mib']:.0f} |", flush=True)
                 for label in ("tonight's new sheets", "a rerun of tonight (all done)"):
                     if label.startswith("a rerun"):  # tonight's rows, as the first job wrote them
                         build("s3://predictions/out", args.nights + 1, n, args.rows_per_file, 2, first=args.nights)

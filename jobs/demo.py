@@ -3,7 +3,7 @@
 Generates a small synthetic Severstal-format set, reads it back through the data layer (manifest,
 validation, split, decoding), trains a small multi-label classifier briefly on a local Ray (2 gloo
 workers), scores a night's worth of sheets with it (plus one corrupt file, which becomes an error row)
-into Parquet, and prints where every output went.
+into Parquet, writes the morning report on that night, and prints where every output went.
 
     python jobs/demo.py [--out DIR] [--n 32] [--epochs 2] [--config YAML] [key=value ...]
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
 
     written = synth.make_severstal(os.path.join(out, "data"), args.n, args.seed)
-    print(f"[1/5] generated {written.count} synthetic sheets ({written.defect_free} defect-free) "
+    print(f"[1/6] generated {written.count} synthetic sheets ({written.defect_free} defect-free) "
           f"-> {written.images}")
 
     # The example config, shrunk to a tiny model and small inputs so the demo runs in a minute on a laptop.
@@ -56,11 +56,11 @@ def main(argv=None) -> int:
     train, val = data.split(manifest, cfg.data)
     manifest_uri = os.path.join(out, "manifest.parquet")
     manifest.records.to_parquet(manifest_uri, index=False)
-    print(f"[2/5] manifest: {manifest.summary()}")
+    print(f"[2/6] manifest: {manifest.summary()}")
     print(f"      split (seed {cfg.data.seed}): {len(train)} train / {len(val)} validation")
 
     first = images.load_image(val.records["uri"].iloc[0], cfg.data.in_chans, cfg.s3)
-    print(f"[3/5] decoded {val.records['image_id'].iloc[0]} as {first.shape[0]}x{first.shape[1]}x{first.shape[2]} "
+    print(f"[3/6] decoded {val.records['image_id'].iloc[0]} as {first.shape[0]}x{first.shape[1]}x{first.shape[2]} "
           f"(in_chans={cfg.data.in_chans})")
 
     best = None
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # same run name would resume
         result = train.fit(cfg)
         best = result.best_checkpoint
-        print(f"[4/5] trained {cfg.model.name} for {result.epochs} epoch(s) on 2 workers: "
+        print(f"[4/6] trained {cfg.model.name} for {result.epochs} epoch(s) on 2 workers: "
               + ", ".join(f"{k} {result.best_metrics[k]:.3f}" for k in ("val_loss", "macro_f1", "roc_auc")))
 
     predictions = None
@@ -88,7 +88,14 @@ def main(argv=None) -> int:
         shutil.rmtree(predictions, ignore_errors=True)
         summary = job.run(config.load(None, [f"score.input={incoming}", f"score.checkpoint={best}",
                                                f"score.output={predictions}"], config.ScoreJob))
-        print("[5/5] scored: " + "\n      ".join(summary.lines()))
+        print("[5/6] scored: " + "\n      ".join(summary.lines()))
+        from steelray import night_page, night_report
+
+        rjob = config.load(None, [f"report.output={predictions}"], config.NightReportJob)
+        night = night_report.build(rjob)
+        report = night_page.write(night, rjob)["report.html"]
+        print(f"[6/6] morning report: {len(night.summary['alerts'])} alert(s)"
+              + "".join(f"\n      ALERT {a}" for a in night.summary["alerts"]))
 
     print("\noutputs:")
     print(f"  images     {written.images}")
@@ -100,6 +107,7 @@ def main(argv=None) -> int:
         print(f"  checkpoint {best}")
     if predictions:
         print(f"  scores     {predictions} (Parquet, partitioned by run_date)")
+        print(f"  report     {report}")
     print(f"done in {time.perf_counter() - start:.1f}s.")
     return cli.DONE
 

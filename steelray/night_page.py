@@ -1,5 +1,5 @@
-"""The morning report's page: ``report.html`` (one self-contained file, plots and sheets embedded as
-PNG), ``report.json`` (every number on it) and ``review.csv`` (the sheets nearest the decision, one
+"""The morning report's page: ``report.html`` (one self-contained file, plots embedded as PNG and
+sheets as JPEG), ``report.json`` (every number on it) and ``review.csv`` (the sheets nearest the decision, one
 ``image`` URI per row as labelling tools import them), written to a local folder or an s3:// prefix.
 
     written = night_page.write(night_report.build(job), job)
@@ -12,6 +12,8 @@ import csv
 import io
 import json
 
+import logging
+
 import numpy as np
 
 from steelray import images, input_stats, rle, storage
@@ -21,6 +23,7 @@ from steelray.report import STYLE, _jsonable
 from steelray.report_plots import to_png
 from steelray.scoring.plan import file_tag
 
+log = logging.getLogger(__name__)
 THUMB_WIDTH = 480   # px of a sheet in the gallery
 
 
@@ -64,15 +67,16 @@ def review_csv(review: list[dict]) -> str:
 # --- pictures -------------------------------------------------------------------------------------
 
 def _thumb(uri: str, masks: dict[str, str], classes: list[str], s3) -> str | None:
-    """A sheet as a base64 PNG about ``THUMB_WIDTH`` wide, each class's mask outlined; None where the
-    image can no longer be read."""
+    """A sheet as a base64 JPEG ``THUMB_WIDTH`` wide at most, each class's mask outlined; None where
+    the image can no longer be read."""
     import cv2
 
     from steelray import synth
 
     try:
         grey = images.decode_image(storage.read_bytes(uri, s3), 1, uri)[:, :, 0]
-    except (OSError, images.DataError):
+    except Exception as e:  # moved, deleted, no access: the page says so in its place
+        log.warning("gallery: %s: %s", uri, e)
         return None
     h, w = grey.shape
     stack = np.zeros((4, h, w), bool)
@@ -82,8 +86,8 @@ def _thumb(uri: str, masks: dict[str, str], classes: list[str], s3) -> str | Non
     rgb = synth.overlay(grey, stack)
     scale = min(1.0, THUMB_WIDTH / w)
     rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return base64.b64encode(png.tobytes()).decode() if ok else None
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return base64.b64encode(jpeg.tobytes()).decode() if ok else None
 
 
 def _volumes_plot(s: dict) -> bytes:
@@ -139,6 +143,7 @@ def _drift_plot(arrays: dict, d: dict) -> bytes:
         ax.set_title(f"{name.removeprefix('input_')}: {ks}" + (" DRIFT" if flag else ""), fontsize=8,
                      color="#b00020" if flag else "black")
         ax.tick_params(labelsize=6)
+        ax.ticklabel_format(useOffset=False)
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     return to_png(fig)
@@ -198,7 +203,7 @@ each input statistic against the nights before. Flagged where the Kolmogorov-Smi
 
 <h2>Most confident defects</h2>
 {% for c, picks in s.gallery.items() %}<h3>{{ c }}</h3>{% if not picks %}<p>No sheet labelled {{ c }} tonight.</p>{% endif %}
-<div class="sheets">{% for p in picks %}<figure>{% if sheets[c][loop.index0] %}<img src="data:image/png;base64,{{ sheets[c][loop.index0] }}" alt="{{ p.image_id }}">{% else %}<p>(image no longer readable)</p>{% endif %}<figcaption>{{ p.image_id }}: {{ "%.3f" | format(p.prob) }}</figcaption></figure>{% endfor %}</div>
+<div class="sheets">{% for p in picks %}<figure>{% if sheets[c][loop.index0] %}<img src="data:image/jpeg;base64,{{ sheets[c][loop.index0] }}" alt="{{ p.image_id }}">{% else %}<p>(image no longer readable)</p>{% endif %}<figcaption>{{ p.image_id }}: {{ "%.3f" | format(p.prob) }}</figcaption></figure>{% endfor %}</div>
 {% endfor %}
 
 <h2>For review</h2>
@@ -213,7 +218,7 @@ each input statistic against the nights before. Flagged where the Kolmogorov-Smi
 <table><tr><th>class</th><th>agreement</th><th>production labels</th><th>candidate labels</th><th>gained</th><th>lost</th></tr>
 {% for name, k in c.classes.items() %}<tr><td>{{ name }}</td><td>{{ pct(k.agreement) }}</td><td>{{ k.production }}</td><td>{{ k.candidate }}</td><td>{{ k.gained | length }}</td><td>{{ k.lost | length }}</td></tr>{% endfor %}</table>
 <h3>Disagreements (largest probability gap first)</h3>
-<div class="sheets">{% for d in c.disagreements %}<figure>{% if flips[loop.index0] %}<img src="data:image/png;base64,{{ flips[loop.index0] }}" alt="{{ d.image_id }}">{% endif %}<figcaption>{{ d.image_id }} {{ d["class"] }}: production {{ "%.3f" | format(d.production) }}, candidate {{ "%.3f" | format(d.candidate) }}</figcaption></figure>{% endfor %}</div>
+<div class="sheets">{% for d in c.disagreements %}<figure>{% if flips[loop.index0] %}<img src="data:image/jpeg;base64,{{ flips[loop.index0] }}" alt="{{ d.image_id }}">{% endif %}<figcaption>{{ d.image_id }} {{ d["class"] }}: production {{ "%.3f" | format(d.production) }}, candidate {{ "%.3f" | format(d.candidate) }}</figcaption></figure>{% endfor %}</div>
 <h3>The candidate's drift (reference: {{ c.drift.reference }})</h3>
 <table><tr><th>distribution</th><th>reference median</th><th>tonight median</th><th>KS</th><th>drift</th></tr>
 {% for name, d in drift_rows(c.drift) %}<tr><td>{{ name }}</td><td>{{ num(d.reference_median) }}</td><td>{{ num(d.median) }}</td><td>{{ num(d.ks) }}</td><td class="{{ 'bad' if d.flagged else '' }}">{{ "DRIFT" if d.flagged else "" }}</td></tr>{% endfor %}</table>

@@ -91,8 +91,8 @@ def filesystem(uri: str, s3: S3Config | None = None,
 
 
 def pyarrow_filesystem(uri: str, s3: S3Config | None = None):
-    """(path, pyarrow filesystem or None) as Ray Train's storage wants them: a bare ``bucket/prefix``
-    plus a filesystem that knows the endpoint, for S3; a local path and None otherwise."""
+    """(path, pyarrow filesystem or None): for S3 a bare ``bucket/prefix`` and pyarrow's S3 filesystem
+    with the endpoint, keys and region (Ray Train's storage, ``list_files``); a local path and None otherwise."""
     if not is_s3(uri):
         return absolute(uri), None
     from pyarrow import fs as pafs
@@ -105,8 +105,15 @@ def pyarrow_filesystem(uri: str, s3: S3Config | None = None):
         kwargs["scheme"] = endpoint.split("://", 1)[0] if "://" in endpoint else "https"
     if "client_kwargs" in opts:
         kwargs["region"] = opts["client_kwargs"]["region_name"]
+    elif "endpoint_url" not in opts:  # AWS itself: the bucket's own region (s3fs follows redirects, pyarrow does not)
+        try:
+            kwargs["region"] = pafs.resolve_s3_region(uri[len("s3://"):].split("/", 1)[0])
+        except OSError:
+            pass  # pyarrow's default (us-east-1) then says what fails
     if "key" in opts:
         kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"), session_token=opts.get("token"))
+    if opts.get("anon"):
+        kwargs["anonymous"] = True
     return uri[len("s3://"):], pafs.S3FileSystem(**kwargs)
 
 
@@ -191,12 +198,24 @@ def isfile(uri: str, s3: S3Config | None = None) -> bool:
 def list_files(prefix: str, s3: S3Config | None = None, suffixes: tuple[str, ...] = (),
                recursive: bool = True) -> list[str]:
     """Sorted URIs of the files under a folder/prefix, optionally only those ending in ``suffixes``
-    (case-insensitive). Listings are always fresh, never from a cache."""
+    (case-insensitive). Listings are always fresh, never from a cache.
+
+    A whole S3 prefix is listed through pyarrow's S3 filesystem, which keeps a path per key where
+    s3fs keeps (and caches) a dict of every key's metadata: a night's listing is the scoring driver's
+    largest memory cost (docs/benchmarks.md, "A night at plant scale")."""
     fs, path = filesystem(prefix, s3)
     fs.invalidate_cache(path)
     if not fs.isdir(path):
         raise FileNotFoundError(f"{prefix}: no such folder or prefix")
-    paths = fs.find(path, maxdepth=None if recursive else 1)
+    if is_s3(prefix) and recursive:
+        from pyarrow import fs as pafs
+
+        base, pfs = pyarrow_filesystem(prefix, s3)
+        infos = pfs.get_file_info(pafs.FileSelector(base.rstrip("/"), recursive=True))
+        paths = [i.path for i in infos if i.type == pafs.FileType.File]
+        del infos
+    else:
+        paths = fs.find(path, maxdepth=None if recursive else 1)
     suffixes = tuple(s.lower() for s in suffixes)
     # Keys ending in "/" are S3 "folder" markers (the console's "Create folder", many upload tools),
     # empty objects that s3fs lists as files: not inputs.

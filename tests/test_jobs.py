@@ -30,13 +30,16 @@ def test_demo_generates_reads_back_and_trains(tmp_path, ray_tmp):
     for line in ("images", "labels", "manifest", "config"):
         assert f"  {line} " in run.stdout
     assert (out / "config.yaml").exists() and (out / "data" / "train.csv").exists()
-    assert "[4/5] trained simple_cnn for 1 epoch(s)" in run.stdout
-    assert "[5/5] scored: inputs 13: scored 12, errors 1, skipped (already scored) 0" in run.stdout
+    assert "[4/6] trained simple_cnn for 1 epoch(s)" in run.stdout
+    assert "[5/6] scored: inputs 13: scored 12, errors 1, skipped (already scored) 0" in run.stdout
+    # the corrupt file is 1 of 13 rows: past the report's default 2% error bound
+    assert "[6/6] morning report: 1 alert(s)\n      ALERT error rate 7.7% (1 of 13 rows)" in run.stdout
     scores = pd.read_parquet(out / "predictions")
     assert len(scores) == 13 and scores.source_uri.is_unique
     assert "corrupt.jpg" in scores[scores.error.notna()].source_uri.iloc[0]
     assert f"  checkpoint {out / 'runs' / 'demo' / 'epoch-0001'}" in run.stdout
     assert (out / "runs" / "demo" / "epoch-0001" / "model.safetensors").exists()
+    assert (out / "predictions" / "_reports").is_dir() and "  report     " in run.stdout
 
 
 def _free_port() -> int:
