@@ -14,6 +14,7 @@ under-exposure, blur and noise. ``report.write`` turns the result into ``report.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -122,7 +123,7 @@ def labelled_set_config(meta: dict, job: config.EvaluateJob) -> config.Config:
     """The checkpoint's own training config with the job's ``data.*`` settings for the labelled set
     (another root, format options...) and its S3 settings; checked as training checks it."""
     raw = meta["config"]
-    raw = {k: v for k, v in raw.items() if k in {f.name for f in config.dataclasses.fields(config.Config)}}
+    raw = {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(config.Config)}}
     cfg_raw = config.to_dict(config.from_dict(raw), redact=False)
     cfg_raw["s3"] = config.to_dict(job.s3, redact=False)
     cfg_raw["data"].update(job.data)

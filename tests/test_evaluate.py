@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from steelray import checkpoint, config, data, evaluate, images, metrics, model_io, models, rle, synth
-from steelray.scoring.plan import describe
+from steelray.scoring.plan import column_name, describe
 
 # --- metrics on cases small enough to compute by hand -----------------------------------------------
 
@@ -227,6 +228,10 @@ def test_classifier_report_calibrates_writes_back_and_scoring_uses_it(neu_checkp
     assert json.loads(next(neu_checkpoint.glob("meta.before-*.json")).read_text()) == before_meta
     info = describe(str(neu_checkpoint))
     assert info.thresholds == tuple(meta["thresholds"]) and info.digest != digest_before
+    # the probabilities stay with the checkpoint: the night report's drift reference, as scoring names them
+    reference = pd.read_parquet(neu_checkpoint / "reference.parquet")
+    assert list(reference.columns) == [f"prob_{column_name(c)}" for c in info.classes] and len(reference) == 30
+    np.testing.assert_allclose(reference.sum(axis=1), 1, atol=1e-5)  # softmax rows
 
 
 def test_bad_arguments_exit_2_and_say_what(neu_checkpoint, tmp_path, capsys, load_job):

@@ -188,3 +188,35 @@ def test_a_night_or_version_that_is_not_there_is_named(tmp_path):
         night_report.build(report_job(out, "report.version=ffff"))
     with pytest.raises(night_report.ReportError, match="no scoring output there"):
         night_report.build(report_job(str(tmp_path / "nothing")))
+
+
+def test_probabilities_are_judged_against_the_checkpoints_validation_set_where_it_kept_one(tmp_path):
+    """jobs/evaluate.py keeps the validation probabilities in the checkpoint (test_evaluate checks the
+    file); with --checkpoint the report takes them as the reference. Here the nights agree with each
+    other but all read class 1 higher than validation did: flagged against validation, not against
+    the nights before."""
+    from steelray.scoring.plan import describe
+
+    cfg = config.load(None, ["task=multilabel", "model.name=simple_cnn", "input.size=[64,320]", "data.format=severstal"])
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.write(ckpt, models.build_model(cfg, 4), checkpoint.make_meta(cfg, CLASSES, models.preprocess_for(cfg)))
+    v = describe(ckpt)
+    rng = np.random.default_rng(4)
+    pa_probs = rng.beta(2, 8, size=(400, 4)).astype(np.float32)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({f"prob_{column_name(c)}": pa_probs[:, k] for k, c in enumerate(CLASSES)}),
+                   os.path.join(ckpt, checkpoint.REFERENCE))
+    out = str(tmp_path / "out")
+    for night in ("2026-11-21", "2026-11-22"):
+        probs = rng.beta(2, 8, size=(300, 4))
+        probs[:, 0] = np.clip(probs[:, 0] + 0.3, 0, 1)
+        write_night(out, night, info(v.digest, thresholds=v.thresholds), probs, [f"{night}-{i}.jpg" for i in range(300)])
+    against_validation = night_report.build(report_job(out, f"report.checkpoint={ckpt}")).summary["drift"]
+    assert against_validation["reference"] == "validation"
+    assert [c for c, d in against_validation["classes"].items() if d["flagged"]] == ["1"]
+    against_nights = night_report.build(report_job(out, f"report.checkpoint={ckpt}", "report.reference=nights"))
+    assert against_nights.summary["drift"]["reference"] == "nights before"
+    assert not any(d["flagged"] for d in against_nights.summary["drift"]["classes"].values())
+    with pytest.raises(night_report.ReportError, match="has no validation probabilities"):
+        night_report.build(report_job(out, f"report.version={v.digest}", "report.reference=validation"))
