@@ -57,18 +57,24 @@ def child(night: int, per_night: int) -> dict:
             "done_mib": done_mib, "peak_mib": peak(), "held_mib": held()}
 
 
-def child_s3fs_listing(night: int) -> dict:
-    """The listing as the job did it before 2026-11-28 (s3fs ``find``: a metadata dict per key, cached),
-    alone, for the side-by-side row."""
+def child_listing(night: int, how: str) -> dict:
+    """The listing alone, for the side-by-side rows: ``s3fs``, as the job listed before 2026-11-28
+    (s3fs ``find``: a metadata dict per key, cached), or ``job``, as it lists now (``storage.list_files``)."""
     from steelray import storage
 
-    fs, path = storage.filesystem(f"s3://plant/incoming/{FIRST_NIGHT + dt.timedelta(days=night)}/")
+    prefix = f"s3://plant/incoming/{FIRST_NIGHT + dt.timedelta(days=night)}/"
+    fs, path = storage.filesystem(prefix)
     fs.ls("plant")
+    storage.pyarrow_filesystem(prefix)  # pyarrow's S3 start-up, outside the measurement
+    before = held()
     start = peak()
     t = time.perf_counter()
-    uris = sorted(f"s3://{p}" for p in fs.find(path) if not p.endswith("/"))
+    if how == "s3fs":
+        uris = sorted(f"s3://{p}" for p in fs.find(path) if not p.endswith("/"))
+    else:
+        uris = storage.list_files(prefix)
     return {"inputs": len(uris), "list_s": time.perf_counter() - t, "start_mib": start, "peak_mib": peak(),
-            "held_mib": held()}
+            "held_before_mib": before, "held_mib": held()}
 
 
 def peak() -> float:
@@ -99,13 +105,14 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(int(sys.argv[2]), int(sys.argv[3]))))
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-s3fs":
-        print(json.dumps(child_s3fs_listing(int(sys.argv[2]))))
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-listing":
+        print(json.dumps(child_listing(int(sys.argv[2]), sys.argv[3])))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--inputs", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--nights", type=int, default=30, help="earlier nights already in the output")
     ap.add_argument("--rows-per-file", type=int, default=1000)
+    ap.add_argument("--listing-only", action="store_true", help="only the two listings, side by side")
     args = ap.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -126,15 +133,21 @@ def main() -> None:
                 fs.mkdir("predictions")
                 fs.mkdir("plant")
                 t = time.perf_counter()
-                build("s3://predictions/out", args.nights, n, args.rows_per_file, 2)
+                if not args.listing_only:
+                    build("s3://predictions/out", args.nights, n, args.rows_per_file, 2)
                 built = time.perf_counter() - t
                 up = upload(fs, args.nights, n)
                 print(f"<!-- {n}: output built in {built:.0f} s, inputs uploaded in {up:.0f} s -->", flush=True)
-                out = subprocess.run([sys.executable, __file__, "--child-s3fs", str(args.nights)],
-                                     capture_output=True, text=True, env=env, check=True)
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"| {n:,} | | listing alone, s3fs find (the job before 2026-11-28) | {r['list_s']:.2f} | | | | "
-                      f"{r['start_mib']:.0f} / {r['peak_mib']:.0f} | {r['held_mib']:.0f} |", flush=True)
+                for how, label in (("s3fs", "s3fs find (the job before 2026-11-28)"),
+                                   ("job", "storage.list_files (the job now)")) * (2 if args.listing_only else 1):
+                    out = subprocess.run([sys.executable, __file__, "--child-listing", str(args.nights), how],
+                                         capture_output=True, text=True, env=env, check=True)
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"| {n:,} | | listing alone, {label} | {r['list_s']:.2f} | | | | "
+                          f"{r['start_mib']:.0f} / {r['peak_mib']:.0f} | {r['held_before_mib']:.0f} -> "
+                          f"{r['held_mib']:.0f} |", flush=True)
+                if args.listing_only:
+                    continue
                 for label in ("tonight's new sheets", "a rerun of tonight (all done)"):
                     if label.startswith("a rerun"):  # tonight's rows, as the first job wrote them
                         build("s3://predictions/out", args.nights + 1, n, args.rows_per_file, 2, first=args.nights)

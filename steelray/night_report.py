@@ -79,9 +79,11 @@ def build(job: NightReportJob) -> Night:
     window = [n for n in nights if n < night][-r.nights:] if r.nights else []
     window.append(night)
     prod = _version(dataset, r.output, r.version, r.checkpoint, night, s3, "report")
-    cand = (_version(dataset, r.output, r.candidate if "/" not in r.candidate else "",
-                     r.candidate if "/" in r.candidate else "", night, s3, "report.candidate")
-            if r.candidate else None)
+    cand = None
+    if r.candidate:  # a checkpoint folder, or a version (digests have no "/")
+        folder = "/" in r.candidate or storage.isdir(r.candidate, s3)
+        cand = _version(dataset, r.output, "" if folder else r.candidate, r.candidate if folder else "",
+                        night, s3, "report.candidate")
     rows = _rows(dataset, window, [v.digest for v in (prod, cand) if v], prod, cand)
     mine = rows.filter(pc.field("checkpoint") == prod.digest)
     tonight = mine.filter(pc.field("run_date") == night)
