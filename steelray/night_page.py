@@ -82,7 +82,7 @@ def _thumb(uri: str, masks: dict[str, str], classes: list[str], s3) -> str | Non
     stack = np.zeros((4, h, w), bool)
     for k, c in enumerate(classes[:4]):
         if masks.get(c):
-            stack[k] = rle.decode(masks[c], h, w)
+            stack[k] = rle.decode(masks[c], (h, w))
     rgb = synth.overlay(grey, stack)
     scale = min(1.0, THUMB_WIDTH / w)
     rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)

@@ -220,3 +220,52 @@ def test_probabilities_are_judged_against_the_checkpoints_validation_set_where_i
     assert not any(d["flagged"] for d in against_nights.summary["drift"]["classes"].values())
     with pytest.raises(night_report.ReportError, match="has no validation probabilities"):
         night_report.build(report_job(out, f"report.version={v.digest}", "report.reference=validation"))
+
+
+def test_a_segmenters_night_reports_defect_area_and_outlines_its_masks_in_the_gallery(tmp_path):
+    """Segmenter rows (rle_/area_ columns) of 30 sheets on disk: a scratch field on every third sheet,
+    class 3's peak probability rising with its area. The report's mean area per class is the rows'
+    own, the gallery is class 3's largest, and the page draws their masks (the sheets can be read)."""
+    from steelray import rle
+
+    model = info("ffff000011112222", task="segmentation", thresholds=(0.5,) * 4)
+    schema = Plan(model, None, None, ()).schema()
+    sheet = synth.jpeg_bytes(np.full((256, 1600), 120, np.uint8))
+    ids, areas = [f"s{i:02d}.jpg" for i in range(30)], np.zeros((30, 4), np.int64)
+    cols = {c: [] for c in schema.names}
+    for i, name in enumerate(ids):
+        storage.write_bytes(str(tmp_path / "in" / name), sheet)
+        mask = np.zeros((256, 1600), bool)
+        if i % 3 == 0:
+            mask[100:100 + 10 + i, 200:600] = True
+            areas[i, 2] = mask.sum()
+        for k, c in enumerate(model.classes):
+            cols[f"rle_{column_name(c)}"].append(rle.encode(mask) if k == 2 else "")
+            cols[f"area_{column_name(c)}"].append(int(areas[i, k]))
+            cols[f"prob_{column_name(c)}"].append(0.5 + areas[i, k] / 40000 if k == 2 and areas[i, k] else 0.1)
+        cols["labels"].append(["3"] if areas[i, 2] else [])
+        cols["any_defect"].append(bool(areas[i, 2]))
+        for name_, value in (("image_id", name), ("source_uri", str(tmp_path / "in" / name)), ("model", "unet"),
+                             ("checkpoint", model.digest), ("scored_at", None), ("height", 256), ("width", 1600),
+                             ("error", None)):
+            cols[name_].append(value)
+        for stat in input_stats.STATS:
+            cols[stat].append(0.5)
+    ParquetSink(str(tmp_path / "out" / "run_date=2026-11-22"), None, 10**6, 0).write(
+        [pa.Table.from_pydict(cols, schema=schema)], None)
+    job = report_job(str(tmp_path / "out"), "report.gallery=3", f"report.out={tmp_path / 'report'}")
+    night = night_report.build(job)
+    tonight = night.summary["defects"]["tonight"]
+    assert tonight["mean_area"] == pytest.approx({c: float(areas[:, k].mean()) for k, c in enumerate(CLASSES)})
+    assert tonight["share"]["3"] == pytest.approx(10 / 30)
+    assert [p["image_id"] for p in night.summary["gallery"]["3"]] == ["s27.jpg", "s24.jpg", "s21.jpg"]
+    assert set(night.masks) == {str(tmp_path / "in" / n) for n in ("s27.jpg", "s24.jpg", "s21.jpg")}
+    from steelray import night_page
+
+    html = Path(night_page.write(night, job)["report.html"]).read_text()
+    thumbs = __import__("re").findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(thumbs) == 3 and "image no longer readable" not in html
+    import cv2
+
+    first = cv2.imdecode(np.frombuffer(base64.b64decode(thumbs[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert (first[:, :, 0].astype(int) - first[:, :, 1] > 30).any()  # class 3 outlined in blue (BGR) over grey
