@@ -269,3 +269,22 @@ def test_a_segmenters_night_reports_defect_area_and_outlines_its_masks_in_the_ga
 
     first = cv2.imdecode(np.frombuffer(base64.b64decode(thumbs[0]), np.uint8), cv2.IMREAD_COLOR)
     assert (first[:, :, 0].astype(int) - first[:, :, 1] > 30).any()  # class 3 outlined in blue (BGR) over grey
+
+
+def test_an_output_on_s3_reports_into_its_own_reports_folder(bucket):
+    """moto's S3: the nights, the job summaries and the report all under the output's prefix."""
+    from steelray import night_page
+
+    out, rng, v = f"{bucket}/predictions", np.random.default_rng(5), info("abcd000011112222")
+    for night in ("2026-11-21", "2026-11-22"):
+        write_night(out, night, v, rng.beta(2, 8, size=(40, 4)), [f"{night}-{i}.jpg" for i in range(40)])
+    storage.write_text(f"{out}/_runs/2026-11-23T020000.000000Z-{v.digest}.json", json.dumps(
+        {"checkpoint": v.digest, "output": f"{out}/run_date=2026-11-22", "inputs": 41, "skipped": 1}))
+    job = report_job(out)
+    night = night_report.build(job)
+    assert night.summary["night"] == "2026-11-22" and night.summary["volumes"]["scored"] == 40
+    assert (night.summary["volumes"]["jobs"], night.summary["volumes"]["skipped"]) == (1, 1)
+    written = night_page.write(night, job)
+    assert written["report.html"] == f"{out}/_reports/2026-11-22-{v.digest}/report.html"
+    assert json.loads(storage.read_text(written["report.json"]))["version"]["digest"] == v.digest
+    assert storage.read_text(written["review.csv"]).startswith("image,image_id,class")
