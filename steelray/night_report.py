@@ -54,7 +54,6 @@ class Version:
 @dataclass
 class Night:
     summary: dict
-    tonight: pa.Table                                   # the version's rows of the night
     drift_arrays: dict = field(default_factory=dict)    # name -> (tonight, reference) values
     candidate_arrays: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)           # segmenters: gallery sheet URI -> {class: RLE}
@@ -98,7 +97,7 @@ def build(job: NightReportJob) -> Night:
                "defects": _defects(mine, window, prod),
                "gallery": _gallery(tonight, prod, r.gallery),
                "review": _review(tonight, prod, r.review)}
-    night_obj = Night(summary, tonight)
+    night_obj = Night(summary)
     if prod.task == "segmentation":
         picked = [p["source_uri"] for picks in summary["gallery"].values() for p in picks]
         night_obj.masks = _masks(dataset, night, prod, picked)
@@ -106,7 +105,7 @@ def build(job: NightReportJob) -> Night:
     summary["candidate"] = None
     if cand is not None:
         theirs = rows.filter(pc.field("checkpoint") == cand.digest)
-        summary["candidate"] = _compare(tonight, theirs, prod, cand, r, s3, night_obj.candidate_arrays)
+        summary["candidate"] = _compare(night, tonight, theirs, prod, cand, r, s3, night_obj.candidate_arrays)
     summary["alerts"] = _alerts(summary, r)
     return night_obj
 
@@ -336,9 +335,9 @@ def _drift(tonight: pa.Table, before: pa.Table, v: Version, r, s3, arrays: dict)
     return out
 
 
-def _compare(tonight: pa.Table, theirs: pa.Table, prod: Version, cand: Version, r, s3, arrays: dict) -> dict:
-    """The candidate against production on the sheets both scored tonight without error."""
-    night = tonight.column("run_date")[0].as_py()
+def _compare(night: str, tonight: pa.Table, theirs: pa.Table, prod: Version, cand: Version, r, s3,
+             arrays: dict) -> dict:
+    """The candidate against production on the sheets both scored ``night`` without error."""
     ok_p = tonight.filter(pc.field("error").is_null())
     cand_tonight = theirs.filter(pc.field("run_date") == night)
     ok_c = cand_tonight.filter(pc.field("error").is_null())

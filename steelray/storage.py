@@ -201,8 +201,8 @@ def list_files(prefix: str, s3: S3Config | None = None, suffixes: tuple[str, ...
     (case-insensitive). Listings are always fresh, never from a cache.
 
     A whole S3 prefix is listed through pyarrow's S3 filesystem, which keeps a path per key where
-    s3fs keeps (and caches) a dict of every key's metadata: a night's listing is the scoring driver's
-    largest memory cost (docs/benchmarks.md, "A night at plant scale")."""
+    s3fs keeps (and caches) a dict of every key's metadata: the scoring driver lists a whole night
+    (docs/benchmarks.md, "A night at plant scale", compares the two)."""
     fs, path = filesystem(prefix, s3)
     fs.invalidate_cache(path)
     if not fs.isdir(path):

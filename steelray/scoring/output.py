@@ -108,11 +108,11 @@ def check_family(dataset: pds.Dataset | None, output: str, schema: pa.Schema) ->
             continue
         seen.add(version)
         there = dataset.schema if first else pq.read_schema(path, filesystem=dataset.filesystem)
-        have = [n for n in there.names if n != "run_date"]
-        if family_names(have) != family_names(schema.names):
+        have = family_names(there.names)
+        if have != family_names(schema.names):
             classes = (there.metadata or {}).get(CLASSES_KEY, b"?").decode()
             missing = [n for n in family_names(schema.names) if n not in have]
-            extra = [n for n in family_names(have) if n not in schema.names]
+            extra = [n for n in have if n not in schema.names]
             where = output if first else f"{output} ({path})"
             raise ScoreError(f"{where}: holds predictions of another model family (classes {classes}; columns "
                              f"this job would add: {missing or 'none'}, columns it would lack: {extra or 'none'}); "
