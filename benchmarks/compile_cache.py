@@ -41,12 +41,12 @@ def child(args) -> None:
                                         compile_cache=args.cache))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, *args.size, 1), dtype=np.uint8)
-    info = plan.models[0]
+    model = scorer.models[plan.models[0].uri]
 
     def call():
-        out = scorer.probabilities(info, images)
+        out = model.probabilities(images)
         if args.device == "cuda":
-            scorer.torch.cuda.synchronize()
+            model.torch.cuda.synchronize()
         return out
 
     start = time.perf_counter()

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def example(per_night: int, out: str, work: str) -> None:
-    from steelray import config, evaluate, images, night_page, night_report, synth, train
+    from steelray import conditions, config, evaluate, images, night_page, night_report, synth, train
     from steelray.scoring import job
 
     data = synth.make_severstal(os.path.join(work, "train"), 240, seed=1)
@@ -57,7 +57,7 @@ def example(per_night: int, out: str, work: str) -> None:
             for name in names[: 2 * per_night // 3]:
                 path = os.path.join(sheets.images, name)
                 image = images.decode_image(Path(path).read_bytes(), 1)
-                Path(path).write_bytes(synth.jpeg_bytes(evaluate.perturb_image(image, "glare")[:, :, 0]))
+                Path(path).write_bytes(synth.jpeg_bytes(conditions.perturb_image(image, "glare")[:, :, 0]))
             for name in names[-2:]:
                 path = os.path.join(sheets.images, name)
                 Path(path).write_bytes(Path(path).read_bytes()[:4000])

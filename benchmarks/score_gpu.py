@@ -31,7 +31,7 @@ from multiprocessing import Pool
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from steelray import checkpoint, config, data, images, models, synth  # noqa: E402
+from steelray import checkpoint, config, data, images, input_stats, models, synth  # noqa: E402
 from steelray.scoring import job as scoring_job  # noqa: E402
 from steelray.scoring.actor import ActorSettings, Scorer  # noqa: E402
 from steelray.scoring.decode import read_and_decode  # noqa: E402
@@ -120,14 +120,15 @@ def main() -> None:
     sheets = np.stack([images.decode_image(open(u, "rb").read(), 1) for u in src])  # (unique, 256, 1600, 1)
     for precision, batch in ((p, b) for p in args.precision for b in args.batch):
         scorer = Scorer(plan, ActorSettings("cuda", precision=precision))
-        model = scorer.models[ckpt]
+        runner = scorer.models[ckpt]
+        model = runner.module
         reps = max(1, args.n // batch)
         idx = [np.arange(i * batch, (i + 1) * batch) % len(sheets) for i in range(reps)]
         gpu = torch.from_numpy(sheets[idx[0]]).cuda()
         x = ((gpu.permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
-        x = x.to(scorer.dtype)
+        x = x.to(runner.dtype)
         torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=scorer.autocast):
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=runner.autocast):
             for _ in range(3):
                 model(x)
             torch.cuda.synchronize()
@@ -140,7 +141,8 @@ def main() -> None:
         batches = [{"image_id": np.array([str(j) for j in i], dtype=object),
                     "source_uri": np.array([str(j) for j in i], dtype=object),
                     "height": np.full(batch, 256, np.int32), "width": np.full(batch, 1600, np.int32),
-                    "error": np.array([""] * batch, dtype=object), "image_0": sheets[i]} for i in idx]
+                    "error": np.array([""] * batch, dtype=object), "image_0": sheets[i],
+                    "input_stats": np.zeros((batch, len(input_stats.STATS)), np.float32)} for i in idx]
         scorer(batches[0])
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -151,13 +153,13 @@ def main() -> None:
               f"peak GPU memory {peak:.1f} GiB; Scorer actor call (uint8 host batch -> rows) {actor:.0f} img/s",
               flush=True)
     if args.naive:  # the notebook way, on the GPU: one sheet at a time, bf16 autocast, no Ray
-        model = scorer.models[ckpt]
+        model = scorer.models[ckpt].module
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
             for u in uris[:args.naive]:
                 img = torch.from_numpy(images.decode_image(open(u, "rb").read(), 1)).cuda()
                 x = ((img.permute(2, 0, 1)[None].float() / 255 - 0.449) / 0.226).contiguous(
-                    memory_format=torch.channels_last).to(scorer.dtype)
+                    memory_format=torch.channels_last).to(runner.dtype)
                 model(x).sigmoid().cpu()
         print(f"naive loop (read, decode, predict one at a time): "
               f"{args.naive / (time.perf_counter() - start):.0f} img/s", flush=True)
@@ -168,7 +170,7 @@ def main() -> None:
         batch = args.batch[-1]
         x = torch.from_numpy(sheets[:batch] if len(sheets) >= batch else np.resize(sheets, (batch, *sheets.shape[1:])))
         x = ((x.cuda().permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226).contiguous(memory_format=torch.channels_last)
-        x = x.to(scorer.dtype)  # the last --precision's model
+        x = x.to(runner.dtype)  # the last --precision's model
         modes = {"default": ("compile", False, None), "freezing": ("compile+freezing", True, None),
                  "max-autotune": ("compile+freezing max-autotune-no-cudagraphs", True, "max-autotune-no-cudagraphs")}
         for label, freezing, mode in (modes[m] for m in args.compile_modes):
@@ -176,7 +178,7 @@ def main() -> None:
             torch._dynamo.reset()
             compiled = torch.compile(model, mode=mode)
             start = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=scorer.autocast):
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=runner.autocast):
                 compiled(x)
                 torch.cuda.synchronize()
                 warm = time.perf_counter() - start

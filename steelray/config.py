@@ -125,7 +125,10 @@ class ScoreConfig:
     """The nightly scoring job (``jobs/score.py``): what to score, with which checkpoint(s), where to."""
 
     input: str = ""                # folder / s3:// prefix of images, a manifest file (.txt, .csv) of URIs, or one image
-    checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://)
+    checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://), or with
+                                   # engine onnxruntime an exported model (.onnx file of jobs/export.py)
+    engine: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: the model actors run exported
+                                   # models (CPU; CUDA where the onnxruntime build has it); no compile
     segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
     output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date
     run_date: str = ""             # partition value; empty: today's UTC date (YYYY-MM-DD)
@@ -218,6 +221,29 @@ class EvaluateJob:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     data: dict[str, Any] = setting({})  # data.* settings of the labelled set over the checkpoint's own (empty:
                                    # its training data); any other root means all of that set's images
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class ExportConfig:
+    """A checkpoint to ONNX and INT8 for CPU scoring and the line (``jobs/export.py``)."""
+
+    checkpoint: str = ""           # checkpoint folder or s3:// prefix
+    out: str = ""                  # folder for model.onnx, model.int8.onnx, export.json; empty: <checkpoint>/export
+    tolerance: float = setting(1e-4, min=0.0)  # parity: largest probability difference from PyTorch allowed
+    parity_images: int = setting(32, min=1)    # validation-split images the parity check runs on
+    int8: bool = True              # also a static INT8 (QDQ) model, gated on accuracy
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"  # how activation ranges are chosen
+    calibration_images: int = setting(128, min=1)  # training-split images, drawn at random (seed)
+    max_drop: float = setting(0.005, min=0.0, max=1.0)  # gate: INT8's macro-F1 (Dice) at most this below PyTorch's
+    batch_size: int = setting(16, min=1)
+    seed: int = 0
+
+
+@dataclass
+class ExportJob:
+    export: ExportConfig = field(default_factory=ExportConfig)
+    data: dict[str, Any] = setting({})  # data.* of the images used (as evaluate's): the checkpoint's own splits
     s3: S3Config = field(default_factory=S3Config)
 
 

@@ -21,14 +21,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from steelray import checkpoint, config, data, images, metrics, model_io, rle, storage
+from steelray import checkpoint, conditions, config, data, metrics, onnx_model, predict, storage
 
 log = logging.getLogger(__name__)
 
-PIXEL_THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)     # segmenter calibration candidates
 MIN_AREAS = (0, 100, 200, 400, 800, 1600, 3200, 6400, 12800)    # pixels at the sheet's own size
 GRID = np.round(np.linspace(0.01, 0.99, 99), 2)                  # trade-off curves
 ROBUSTNESS_TARGET = 0.03  # the field's bright-vs-dim macro-F1 gap is 0.06; ours should stay under this
@@ -68,6 +65,7 @@ class Evaluation:
         counts = self.manifest.class_counts()
         return {
             "checkpoint": self.job.evaluate.checkpoint, "model": self.meta.get("model", {}), "task": self.task,
+            "exported": self.meta.get("export"),
             "classes": self.classes, "evaluated_at": self.started, "epoch": self.meta.get("epoch"),
             "data": {"root": self.cfg.data.root, "format": self.cfg.data.format, "split": self.job.evaluate.split,
                      "images": len(self.manifest), "class_counts": counts},
@@ -81,7 +79,10 @@ def run(job: config.EvaluateJob) -> Evaluation:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if not job.evaluate.checkpoint:
         raise EvaluationError("evaluate.checkpoint: required (a checkpoint folder written by jobs/train.py)")
-    meta = checkpoint.read_meta(job.evaluate.checkpoint, job.s3)
+    if job.evaluate.write_thresholds and onnx_model.is_exported(job.evaluate.checkpoint):
+        raise EvaluationError(f"{job.evaluate.checkpoint}: an exported model carries the thresholds it was "
+                              "exported with; calibrate its checkpoint (--write-thresholds there) and export again")
+    meta = predict.read_meta(job.evaluate.checkpoint, job.s3)
     cfg = labelled_set_config(meta, job)
     manifest = select(data.build_manifest(cfg), cfg, job)
     task = meta["task"]
@@ -96,19 +97,19 @@ def run(job: config.EvaluateJob) -> Evaluation:
     bad = {c: r for c, r in job.evaluate.min_recall.items() if not 0 < r <= 1}
     if bad:
         raise EvaluationError(f"min recall must be in (0, 1], got {bad}")
-    model, _ = checkpoint.load_model(job.evaluate.checkpoint, job.s3, device=device_of(job))
+    model = predict.load_model(job)
     thresholds = np.asarray(meta["thresholds"], dtype=float)
     log.info("evaluating %s on %d images (%s)", job.evaluate.checkpoint, len(manifest), manifest.summary())
     if task == "segmentation":
         min_area = np.asarray(meta.get("min_area") or [0] * len(classes))
-        stats = predict_masks(model, meta, manifest, job)
+        stats = predict.predict_masks(model, meta, manifest, job)
         before = metrics.segmentation_detail(stats, classes, thresholds, min_area)
         calibration = calibrate_segmenter(stats, classes, job.evaluate.min_recall, thresholds, min_area)
         after = metrics.segmentation_detail(stats, classes, calibration["thresholds"], calibration["min_area"])
         probs = targets = None
     else:
         targets = manifest.targets(task)
-        probs = predict(model, meta, manifest, job)
+        probs = predict.predict(model, meta, manifest, job)
         before = metrics.classification_detail(task, probs, targets, classes, thresholds)
         calibration = calibrate_classifier(task, probs, targets, classes, job.evaluate.min_recall, thresholds)
         after = metrics.classification_detail(task, probs, targets, classes, calibration["thresholds"])
@@ -142,66 +143,6 @@ def select(manifest: data.Manifest, cfg: config.Config, job: config.EvaluateJob)
     if not len(manifest):
         raise EvaluationError(f"{cfg.data.root}: no images to evaluate ({job.evaluate.split} split)")
     return manifest
-
-
-def device_of(job: config.EvaluateJob) -> str:
-    if job.evaluate.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return job.evaluate.device
-
-
-# --- applying the model -------------------------------------------------------------------------
-
-class _Images(Dataset):
-    """Images by URI, optionally perturbed (robustness), resized as the checkpoint says (uint8 CxHxW),
-    with their index and original size."""
-
-    def __init__(self, uris: list[str], pre: model_io.Preprocess, perturb: str | None = None, s3=None):
-        self.uris, self.pre, self.perturb, self.s3 = uris, pre, perturb, s3
-
-    def __len__(self):
-        return len(self.uris)
-
-    def __getitem__(self, i):
-        image = images.load_image(self.uris[i], self.pre.in_chans, self.s3)
-        h, w = image.shape[:2]
-        if self.perturb is not None:
-            image = perturb_image(image, self.perturb, seed=i)
-        return model_io.to_chw(model_io.resize(image, self.pre.size)), i, h, w
-
-
-@torch.no_grad()
-def sheet_probabilities(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None):
-    """``(index, height, width, probabilities)`` for each image of ``manifest`` in order, through
-    ``model_io`` as the scoring actor does it: a classifier's (C,), a segmenter's (C, h, w) at the
-    model's input size (``model_io.masks`` takes them to the sheet's size)."""
-    pre = model_io.Preprocess.from_dict(meta["preprocess"])
-    device = next(model.parameters()).device
-    loader = DataLoader(_Images(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
-                        num_workers=job.evaluate.loader_workers)
-    for x, idx, hs, ws in loader:
-        probs = model_io.probabilities(model(model_io.model_input(x.to(device), pre)), meta["task"])
-        for j, i in enumerate(idx.tolist()):
-            yield i, int(hs[j]), int(ws[j]), probs[j]
-
-
-def predict(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> np.ndarray:
-    """Probabilities: (N,) binary, (N, C) multilabel (sigmoid) or multiclass (softmax)."""
-    probs = np.stack([p.cpu().numpy() for *_, p in sheet_probabilities(model, meta, manifest, job, perturb)])
-    return probs[:, 0] if meta["task"] == "binary" else probs
-
-
-def predict_masks(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> dict:
-    """Per (image, class): areas and overlaps at every candidate threshold, at the image's own size."""
-    rles = list(manifest.records.rles)
-    parts = []
-    for i, h, w, probs in sheet_probabilities(model, meta, manifest, job, perturb):
-        full = model_io.at_size(probs, h, w).cpu().numpy()
-        truth = np.stack([rle.decode(r, (h, w)) for r in rles[i]]).astype(bool)
-        parts.append(metrics.mask_stats(full, truth, PIXEL_THRESHOLDS))
-    stats = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
-    stats["candidates"] = PIXEL_THRESHOLDS
-    return stats
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -343,7 +284,7 @@ def write_back(ev: Evaluation) -> str:
 def keep_reference(ev: Evaluation) -> str | None:
     """A classifier's probabilities on the evaluated set, kept in its checkpoint (``checkpoint.REFERENCE``)
     (one ``prob_<class>`` column per class, as scoring names them): the night report's reference for
-    drift. Segmenters keep none (returns None)."""
+    drift. Segmenters and exported models keep none (returns None)."""
     import io
 
     import pyarrow as pa
@@ -351,7 +292,7 @@ def keep_reference(ev: Evaluation) -> str | None:
 
     from steelray.scoring.plan import column_name
 
-    if ev.probs is None:
+    if ev.probs is None or onnx_model.is_exported(ev.job.evaluate.checkpoint):
         return None
     probs = ev.probs.reshape(len(ev.probs), -1).astype(np.float32)
     table = pa.table({f"prob_{column_name(c)}": probs[:, k] for k, c in enumerate(ev.classes)})
@@ -366,50 +307,18 @@ def keep_reference(ev: Evaluation) -> str | None:
 
 # --- robustness ---------------------------------------------------------------------------------
 
-# glare adds stray light (an offset) and washes out contrast; dimming is less light, which scales every
-# pixel down (darker, and its contrast falls with it). "crushed" is a darker exposure than any plant
-# camera should run at: -30% of full scale with contrast -30% sends every pixel below 43% grey to
-# black (12-82% of a NEU image), erasing dark defects; it is reported, not part of the gap.
-CONDITIONS = {
-    "glare": "stray light: +30% of full scale, contrast -30%",
-    "dim": "30% less light: every pixel x0.7",
-    "crushed": "under-exposed: -30% of full scale, contrast -30% (pixels below 43% grey clip to black)",
-    "blur": "Gaussian blur, sigma 2 px",
-    "noise": "Gaussian noise, sigma 8% of full scale",
-}
-
-
-def perturb_image(image: np.ndarray, condition: str, seed: int = 0) -> np.ndarray:
-    """One of ``CONDITIONS`` applied to a uint8 HxWxC image, deterministically (albumentations)."""
-    import albumentations as A
-
-    if condition == "glare":
-        t = A.RandomBrightnessContrast(brightness_limit=(0.3, 0.3), contrast_limit=(-0.3, -0.3), p=1)
-    elif condition == "dim":
-        t = A.MultiplicativeNoise(multiplier=(0.7, 0.7), per_channel=False, elementwise=False, p=1)
-    elif condition == "crushed":
-        t = A.RandomBrightnessContrast(brightness_limit=(-0.3, -0.3), contrast_limit=(-0.3, -0.3), p=1)
-    elif condition == "blur":
-        t = A.GaussianBlur(blur_limit=(0, 0), sigma_limit=(2.0, 2.0), p=1)
-    elif condition == "noise":
-        t = A.GaussNoise(std_range=(0.08, 0.08), p=1)
-    else:
-        raise EvaluationError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
-    return A.Compose([t], seed=seed)(image=image)["image"]
-
-
 def robustness(model, ev: Evaluation) -> dict:
     """The headline metric (at the calibrated thresholds) under each condition, and its drop."""
     clean = ev.after[ev.metric]
     rows = {}
-    for name, what in CONDITIONS.items():
+    for name, what in conditions.CONDITIONS.items():
         log.info("robustness: %s", name)
         if ev.task == "segmentation":
-            stats = predict_masks(model, ev.meta, ev.manifest, ev.job, perturb=name)
+            stats = predict.predict_masks(model, ev.meta, ev.manifest, ev.job, perturb=name)
             value = metrics.segmentation_detail(stats, ev.classes, ev.calibration["thresholds"],
                                                 ev.calibration["min_area"])[ev.metric]
         else:
-            probs = predict(model, ev.meta, ev.manifest, ev.job, perturb=name)
+            probs = predict.predict(model, ev.meta, ev.manifest, ev.job, perturb=name)
             value = metrics.classification_detail(ev.task, probs, ev.targets, ev.classes,
                                                   ev.calibration["thresholds"])[ev.metric]
         rows[name] = {"what": what, ev.metric: value, "drop": clean - value}

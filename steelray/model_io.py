@@ -75,19 +75,26 @@ def to_chw(image: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def model_input(x, pre: Preprocess, dtype=None):
-    """A uint8 NCHW batch (any device) as the model takes it: normalised as ``pre`` says, float32
-    (or ``dtype``), channels_last."""
+def normalise(x, pre: Preprocess):
+    """A uint8 NCHW batch (any device) as float32, normalised as ``pre`` says. The exported ONNX
+    model (``steelray.export``) holds these same operations in its graph."""
     import torch
 
     x = x.float()
     if pre.normalize == "image":  # each image to zero mean and unit std over all its pixels, clipped
         std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)
-        x = ((x - mean) / (std + 1e-4)).clamp_(-20, 20)
-    else:
-        mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255
-        x = (x - mean) / std
+        return ((x - mean) / (std + 1e-4)).clamp(-20, 20)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255
+    return (x - mean) / std
+
+
+def model_input(x, pre: Preprocess, dtype=None):
+    """A uint8 NCHW batch (any device) as the model takes it: normalised as ``pre`` says, float32
+    (or ``dtype``), channels_last."""
+    import torch
+
+    x = normalise(x, pre)
     # Always the same strides for the same shape (a size-1 channel dim leaves them ambiguous): a
     # compiled model recompiles for other strides.
     out = torch.empty(x.shape, dtype=dtype or torch.float32, device=x.device, memory_format=torch.channels_last)
@@ -102,11 +109,19 @@ def probabilities(logits, task: str):
 
 
 def at_size(probs, height: int, width: int):
-    """A segmenter's (C, h, w) probabilities at the sheet's own size (C, height, width), bilinear."""
-    import torch.nn.functional as F
-
+    """A segmenter's (C, h, w) probabilities at the sheet's own size (C, height, width), bilinear
+    (half-pixel centres): torch's on a tensor, OpenCV's on a NumPy array (an exported model's), the
+    same sampling."""
     if tuple(probs.shape[-2:]) == (height, width):
         return probs
+    if isinstance(probs, np.ndarray):
+        import cv2
+
+        out = cv2.resize(np.ascontiguousarray(probs.transpose(1, 2, 0)), (width, height),
+                         interpolation=cv2.INTER_LINEAR)
+        return out.reshape(height, width, -1).transpose(2, 0, 1)
+    import torch.nn.functional as F
+
     return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
@@ -117,7 +132,8 @@ def masks(probs, height: int, width: int, thresholds, min_area) -> list[np.ndarr
     full = at_size(probs, height, width)
     out = []
     for c in range(full.shape[0]):
-        mask = (full[c] >= float(thresholds[c])).cpu().numpy()
+        mask = full[c] >= float(thresholds[c])
+        mask = mask if isinstance(mask, np.ndarray) else mask.cpu().numpy()
         if mask.sum() < int(min_area[c]):
             mask = np.zeros_like(mask)
         out.append(mask)

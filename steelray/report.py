@@ -29,10 +29,12 @@ def write(ev: evaluate.Evaluation, out: str) -> dict:
     for name in (PLOTS_SEGMENTER if ev.task == "segmentation" else PLOTS_CLASSIFIER):
         if name == "robustness" and not ev.robustness:
             continue
+        if name == "gradcam" and "export" in ev.meta:  # gradients need the PyTorch model
+            continue
         if name in ("gradcam", "masks", "mistakes") and model is None:
-            from steelray import checkpoint
+            from steelray import predict
 
-            model, _ = checkpoint.load_model(ev.job.evaluate.checkpoint, ev.job.s3, evaluate.device_of(ev.job))
+            model = predict.load_model(ev.job)
         fig = PLOTTERS[name](ev, model) if name in ("gradcam", "masks", "mistakes") else PLOTTERS[name](ev)
         if fig is None:
             continue
@@ -82,12 +84,12 @@ TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>steelray evaluation: {{ s.model.name }} {{ s.task }}</title>
+<title>steelray evaluation: {{ s.model.name }}{% if s.exported %} ONNX {{ s.exported.precision }}{% endif %} {{ s.task }}</title>
 <style>
 {{ style | safe }}</style>
 </head>
 <body>
-<h1>Evaluation of {{ s.model.name }} ({{ s.task }})</h1>
+<h1>Evaluation of {{ s.model.name }} ({{ s.task }}){% if s.exported %}, exported: ONNX {{ s.exported.precision }}{% endif %}</h1>
 <p>Checkpoint <code>{{ s.checkpoint }}</code> (epoch {{ s.epoch }}), evaluated {{ s.evaluated_at }} on
 {{ s.data.images }} images of <code>{{ s.data.root }}</code> ({{ s.data.format }}, {{ s.data.split }} split).</p>
 

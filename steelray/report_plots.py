@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from steelray import evaluate, images, metrics, model_io, models
+from steelray import images, metrics, model_io, models, predict
 
 
 def to_png(fig) -> bytes:
@@ -159,7 +159,7 @@ def gradcam(model, ev, indices, targets):
     from captum.attr import LayerAttribution, LayerGradCam
 
     pre = model_io.Preprocess.from_dict(ev.meta["preprocess"])
-    ds = evaluate._Images([ev.manifest.records.uri.iloc[i] for i in indices], pre, None, ev.job.s3)
+    ds = predict._Images([ev.manifest.records.uri.iloc[i] for i in indices], pre, None, ev.job.s3)
     x = model_io.model_input(torch.stack([ds[k][0] for k in range(len(ds))]).to(next(model.parameters()).device), pre)
     cam = LayerGradCam(model, _gradcam_layer(model))
     with torch.enable_grad():
@@ -248,7 +248,7 @@ def _mask_panels(ev, model, indices, title):
     colors = np.array([[1, 0.2, 0.2], [0.2, 1, 0.2], [0.3, 0.5, 1], [1, 0.9, 0.1], [1, 0.3, 1], [0.2, 1, 1]])
     fig, axes = _grid(2 * len(indices), 2, size=(6, 1.3))
     shown = ev.manifest.subset(list(indices))
-    for k, h, w, prob in evaluate.sheet_probabilities(model, ev.meta, shown, ev.job):
+    for k, h, w, prob in predict.sheet_probabilities(model, ev.meta, shown, ev.job):
         r = shown.records.iloc[k]
         img = images.load_image(r.uri, pre.in_chans, ev.job.s3)
         truth = np.stack([rle.decode(m, (h, w)) for m in r.rles]).astype(bool)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steelray import checkpoint, config, data, evaluate, images, metrics, model_io, models, rle, synth
+from steelray import checkpoint, conditions, config, data, evaluate, images, metrics, model_io, models, predict, rle, synth
 from steelray.scoring.plan import column_name, describe
 
 # --- metrics on cases small enough to compute by hand -----------------------------------------------
@@ -56,12 +56,12 @@ def test_decision_rule_argmax_unless_a_class_threshold_is_reached():
 def test_lighting_conditions_by_hand():
     """glare: 0.7x + 76.5 (no clipping); dim: 0.7x; crushed: 0.7x - 76.5 clipped at 0."""
     x = np.array([[0, 50, 100, 150, 200, 255]], np.uint8)[..., None]
-    got = {c: evaluate.perturb_image(x, c).ravel().astype(int) for c in ("glare", "dim", "crushed")}
+    got = {c: conditions.perturb_image(x, c).ravel().astype(int) for c in ("glare", "dim", "crushed")}
     assert np.abs(got["glare"] - (0.7 * x.ravel() + 76.5)).max() <= 1
     assert np.abs(got["dim"] - 0.7 * x.ravel()).max() <= 1
     assert np.abs(got["crushed"] - np.clip(0.7 * x.ravel() - 76.5, 0, 255)).max() <= 1 and got["crushed"][2] == 0
-    with pytest.raises(evaluate.EvaluationError, match="unknown condition 'fog'"):
-        evaluate.perturb_image(x, "fog")
+    with pytest.raises(ValueError, match="unknown condition 'fog'"):
+        conditions.perturb_image(x, "fog")
 
 
 def test_mask_metrics_by_hand():
@@ -213,7 +213,7 @@ def test_classifier_report_calibrates_writes_back_and_scoring_uses_it(neu_checkp
     model, meta0 = checkpoint.load_model(str(neu_checkpoint))
     cfg = evaluate.labelled_set_config(meta0, job)
     val = evaluate.select(data.build_manifest(cfg), cfg, job)
-    probs, truth = evaluate.predict(model, meta0, val, job), val.targets("multiclass") == 0
+    probs, truth = predict.predict(model, meta0, val, job), val.targets("multiclass") == 0
 
     def recall(t: float) -> float:
         return float((metrics.decide("multiclass", probs, [t] + [0.5] * 5)[truth] == 0).mean())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from steelray import checkpoint, config, data, evaluate, model_io, models, rle
+from steelray import checkpoint, config, data, model_io, models, predict, rle
 from steelray.scoring.actor import ActorSettings, Scorer
 from steelray.scoring.decode import read_and_decode
 from steelray.scoring.plan import make_plan
@@ -42,7 +42,7 @@ def test_the_evaluation_path_and_the_scoring_path_agree(tmp_path, sheets, task, 
     model, ckpt_meta = checkpoint.load_model(ckpt)
     job = config.load(None, ["evaluate.batch_size=4"], config.EvaluateJob)  # other batches than scoring's 16
     found_masks = 0
-    for i, h, w, probs in evaluate.sheet_probabilities(model, ckpt_meta, manifest, job):
+    for i, h, w, probs in predict.sheet_probabilities(model, ckpt_meta, manifest, job):
         row = scored.iloc[i]
         if task != "segmentation":
             np.testing.assert_allclose(row[[f"prob_{c}" for c in CLASSES]].to_numpy(float), probs.numpy(), atol=1e-5)

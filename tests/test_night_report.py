@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from steelray import checkpoint, config, data, drift, evaluate, images, input_stats, models, night_report, storage, synth
+from steelray import checkpoint, conditions, config, data, drift, images, input_stats, models, night_report, storage, synth
 from steelray.scoring import job as scoring_job
 from steelray.scoring.output import ParquetSink
 from steelray.scoring.plan import ModelInfo, Plan, classify, column_name
@@ -56,7 +56,7 @@ def nights(ray_local, tmp_path_factory):
             for name in sorted(os.listdir(written.images))[:32]:
                 path = os.path.join(written.images, name)
                 image = images.decode_image(Path(path).read_bytes(), 1)
-                Path(path).write_bytes(synth.jpeg_bytes(evaluate.perturb_image(image, "glare")[:, :, 0]))
+                Path(path).write_bytes(synth.jpeg_bytes(conditions.perturb_image(image, "glare")[:, :, 0]))
             Path(written.images, "zz-truncated.jpg").write_bytes(Path(path).read_bytes()[:3000])
         scoring_job.run(config.load(None, [f"score.input={written.images}", f"score.checkpoint={ckpt}",
                                            f"score.output={out}", f"score.run_date={night}", "score.batch_size=8",

@@ -582,7 +582,7 @@ def test_scorer_in_bfloat16_matches_fp32(sheets, ckpts):
         batch = decoded_batch(sheets, plan, 4)
         fp32 = Scorer(plan, ActorSettings())(batch).to_pandas()
         bf16 = Scorer(plan, ActorSettings(precision="bf16"))
-        assert {p.dtype for m in bf16.models.values() for p in m.parameters()} == {torch.bfloat16}
+        assert {p.dtype for m in bf16.models.values() for p in m.module.parameters()} == {torch.bfloat16}
         assert_rows_agree(bf16(batch).to_pandas(), fp32)
 
 
@@ -663,7 +663,7 @@ def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets,
     want = Scorer(plan, ActorSettings())(batch).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
     scorer = Scorer(plan, ActorSettings())
-    tight = scorer.models[uri] = OutOfMemoryAbove(scorer.models[uri], 3)
+    tight = scorer.models[uri].module = OutOfMemoryAbove(scorer.models[uri].module, 3)
     with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(batch).to_pandas()
     assert tight.seen == [8, 4, 2, 2, 2, 2] and "a batch of 4 images ran out of GPU memory; running 2" in caplog.text
@@ -675,14 +675,15 @@ def test_a_batch_that_runs_out_of_gpu_memory_runs_in_halves_from_then_on(sheets,
     # Compiled, running out of memory is no compile failure: the model stays compiled, and short
     # batches are padded to at most the size that fits (dynamo without inductor: no C++ build here).
     scorer = Scorer(plan, ActorSettings())
-    tight = OutOfMemoryAbove(scorer.models[uri], 5)
-    scorer.models[uri] = CompiledModel(tight, uri)
-    scorer.models[uri].compiled, scorer.pad_to = torch.compile(tight, backend="eager", dynamic=False), 8
+    model = scorer.models[uri]
+    tight = OutOfMemoryAbove(model.module, 5)
+    model.module = CompiledModel(tight, uri)
+    model.module.compiled, model.pad_to = torch.compile(tight, backend="eager", dynamic=False), 8
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(batch).to_pandas()
         short = scorer({k: v[:3] for k, v in batch.items()}).to_pandas()
-    assert not scorer.models[uri].failed and "failed on this node" not in caplog.text
+    assert not model.module.failed and "failed on this node" not in caplog.text
     assert tight.seen == [8, 4, 4, 4] and len(short) == 3   # 3 rows padded to 4, not to 8
     np.testing.assert_allclose(got[probs].to_numpy(float), want[probs].to_numpy(float), atol=1e-6)
     np.testing.assert_allclose(short[probs].to_numpy(float), want[probs][:3].to_numpy(float), atol=1e-6)
@@ -875,7 +876,7 @@ def test_a_batch_too_large_for_the_gpu_runs_in_halves(tmp_path, sheets, caplog):
     scorer = Scorer(plan, ActorSettings("cuda"))
     with caplog.at_level(logging.WARNING, logger="steelray"):
         got = scorer(large).to_pandas()
-    assert "ran out of GPU memory" in caplog.text and 1 <= scorer.fits[plan.primary.uri] < 8192
+    assert "ran out of GPU memory" in caplog.text and 1 <= scorer.models[plan.primary.uri].fits < 8192
     want = Scorer(plan, ActorSettings("cuda"))(small).to_pandas()
     probs = [c for c in want.columns if c.startswith("prob_")]
     np.testing.assert_allclose(got[probs].to_numpy(float), np.tile(want[probs].to_numpy(float), (1024, 1)), atol=0.02)

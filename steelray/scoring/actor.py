@@ -1,10 +1,12 @@
 """The model actor of the scoring pipeline (a Ray Data callable class): loads the checkpoint(s)
 once in ``__init__``, then turns each decoded batch into output rows in ``__call__``.
 
-Per batch: the uint8 images cross to the device, ``model_io`` normalises them there, the model runs
-(bf16 autocast on GPU; compiled where ``score.compile`` says), and the probabilities become labels
-(``plan.classify``) or masks at each sheet's own size (``model_io.masks``). A cascade's segmenter
-runs only on the sheets its classifier flags.
+Per batch: a checkpoint's model (``TorchModel``) takes the uint8 images to the device, ``model_io``
+normalises them there, and runs (bf16 autocast on GPU; compiled where ``score.compile`` says); an
+exported model (``ExportedModel``, ``score.engine=onnxruntime``) takes them as they are, its graph
+normalising them. The probabilities become labels (``plan.classify``) or masks at each sheet's own
+size (``model_io.masks``). A cascade's segmenter runs only on the sheets its classifier flags. The
+line-side scorer (``steelray.line``) calls ``Scorer`` too, one image at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import input_stats, model_io, rle
+from steelray import input_stats, model_io, onnx_model, rle
 from steelray.scoring.compiled import CompileCache, CompiledModel, padded_size
 from steelray.scoring.plan import ModelInfo, Plan, classify, column_name, gate_classes
 from steelray.storage import S3Config
@@ -39,42 +41,25 @@ class ActorSettings:
 
 
 class Scorer:
-    """``Scorer(plan, settings)(batch) -> pa.Table`` of output rows, one per input row."""
+    """``Scorer(plan, settings)(batch) -> pa.Table`` of output rows, one per input row. A checkpoint
+    runs in PyTorch (``TorchModel``), an exported model in ONNX Runtime (``ExportedModel``: no torch
+    import, which the line-side scorer relies on)."""
 
     def __init__(self, plan: Plan, settings: ActorSettings):
-        import torch
-
-        from steelray import checkpoint
-
         ours = logging.getLogger("steelray")
         if not logging.getLogger().handlers and not ours.handlers:  # a Ray worker: our lines to its log
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             ours.addHandler(handler)
             ours.setLevel(logging.INFO)
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        self.torch, self.plan, self.device = torch, plan, torch.device(settings.device)
-        self.pad_to = settings.batch if settings.compile else 0
-        self.fits: dict[str, int] = {}  # per model: at most this many images at once (it ran out of GPU memory)
-        precision = settings.precision
-        if precision == "auto":
-            precision = "bf16-mixed" if self.device.type == "cuda" else "fp32"
-        self.autocast = precision == "bf16-mixed"
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
-        self.schema = plan.schema()
+        self.plan, self.schema = plan, plan.schema()
         cache = None
         if settings.compile and settings.compile_cache:
             cache = CompileCache(settings.compile_cache, [m.digest for m in plan.models],
-                                 [m.name for m in plan.models], self.device, precision, settings.s3)
+                                 [m.name for m in plan.models], settings.device, precision_of(settings), settings.s3)
             cache.load()
-        self.models = {}
-        for info in plan.models:
-            module, _ = checkpoint.load_model(info.uri, settings.s3, settings.device)
-            module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
-            self.models[info.uri] = CompiledModel(module, info.uri, cache) if settings.compile else module
+        self.models = {info.uri: ExportedModel(info, settings) if info.exported else TorchModel(info, settings, cache)
+                       for info in plan.models}
 
     def __call__(self, batch: dict) -> pa.Table:
         plan, primary = self.plan, self.plan.primary
@@ -85,7 +70,7 @@ class Scorer:
         if len(ok) and primary.segmenter:
             self._segment(primary, batch, ok, rows)
         elif len(ok):
-            probs = self.probabilities(primary, self._images(primary, batch, ok)).cpu().numpy()
+            probs = _numpy(self.models[primary.uri].probabilities(self._images(primary, batch, ok)))
             prefix = "gate_prob_" if plan.cascade else "prob_"
             flagged: list[tuple[int, list[bool]]] = []
             for j, i in enumerate(ok):
@@ -123,50 +108,13 @@ class Scorer:
         images = batch[f"image_{self.plan.input_index(info)}"]
         return images if len(idx) == len(images) else images[idx]
 
-    def probabilities(self, info: ModelInfo, images: np.ndarray):
-        """Probabilities for uint8 NHWC images: (N, C), or (N, C, h, w) for segmenters. Where the
-        model runs out of GPU memory on a batch, it runs on halves of it and keeps that smaller size
-        for the rest of the job (logged): the default batch can suit a large GPU without failing the
-        job on a small one."""
-        torch = self.torch
-        with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
-        n, parts, start = len(x), [], 0
-        while start < n:
-            size = min(n - start, self.fits.get(info.uri, n))
-            try:
-                parts.append(self._run(info, x[start:start + size]))
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                self.fits[info.uri] = size // 2
-                torch.cuda.empty_cache()
-                log.warning("%s: a batch of %d images ran out of GPU memory; running %d at a time from now on "
-                            "(score.batch_size=%d would start there)", info.name, size, size // 2, size // 2)
-                continue
-            start += size
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _run(self, info: ModelInfo, x):
-        """The model on at most one model batch already on the device (padded when compiled)."""
-        torch = self.torch
-        n = len(x)
-        if self.pad_to:
-            size = padded_size(n, min(self.pad_to, self.fits.get(info.uri, self.pad_to)))
-            if n < size:
-                x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-        x = model_io.model_input(x, info.preprocess, self.dtype)
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            return model_io.probabilities(self.models[info.uri](x)[:n], info.task)
-
     def _segment(self, info: ModelInfo, batch: dict, idx: np.ndarray, rows: list[dict],
                  gates: list[list[bool]] | None = None) -> None:
         """Masks at each sheet's original size, their RLE and area; a class the gate did not pass is empty."""
-        probs = self.probabilities(info, self._images(info, batch, idx))
+        probs = self.models[info.uri].probabilities(self._images(info, batch, idx))
         names = [column_name(c) for c in info.classes]
-        peaks = probs.flatten(2).amax(2).cpu().numpy()
+        flat = probs.reshape(*probs.shape[:2], -1)
+        peaks = flat.max(2) if isinstance(flat, np.ndarray) else _numpy(flat.amax(2))
         for j, i in enumerate(idx):
             masks = model_io.masks(probs[j], int(batch["height"][i]), int(batch["width"][i]),
                                    info.thresholds, self.plan.min_area)
@@ -178,3 +126,90 @@ class Scorer:
                 if area:
                     found.append(info.classes[c])
             row.update(labels=found, any_defect=bool(found))
+
+
+def precision_of(settings: ActorSettings) -> str:
+    """``score.precision`` with ``auto`` resolved: bf16-mixed on GPU, fp32 on CPU."""
+    if settings.precision != "auto":
+        return settings.precision
+    return "bf16-mixed" if settings.device.startswith("cuda") else "fp32"
+
+
+def _numpy(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+
+class ExportedModel:
+    """An exported model (``.onnx``, ``jobs/export.py``) in ONNX Runtime, as the actor runs it."""
+
+    def __init__(self, info: ModelInfo, settings: ActorSettings):
+        self.model = onnx_model.load(info.uri, settings.s3, settings.threads, settings.device)
+        if settings.device == "cuda" and "CUDAExecutionProvider" not in self.model.providers:
+            log.warning("%s: this onnxruntime has no CUDA provider; the model runs on the CPU "
+                        "(install onnxruntime-gpu on GPU nodes)", info.name)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, C), or (N, C, h, w) for segmenters, of uint8 NHWC images at the model's input size."""
+        return self.model(images)
+
+
+class TorchModel:
+    """A checkpoint's ``nn.Module`` on the actor's device: precision, ``score.compile``, and batches
+    that run out of GPU memory split in halves."""
+
+    def __init__(self, info: ModelInfo, settings: ActorSettings, cache: CompileCache | None):
+        import torch
+
+        from steelray import checkpoint
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.torch, self.info, self.device = torch, info, torch.device(settings.device)
+        self.pad_to = settings.batch if settings.compile else 0
+        self.fits = 0  # at most this many images at once (it ran out of GPU memory); 0: any
+        precision = precision_of(settings)
+        self.autocast = precision == "bf16-mixed"
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
+        module, _ = checkpoint.load_model(info.uri, settings.s3, settings.device)
+        module = module.to(memory_format=torch.channels_last, dtype=self.dtype)
+        self.module = CompiledModel(module, info.uri, cache) if settings.compile else module
+
+    def probabilities(self, images: np.ndarray):
+        """Probabilities for uint8 NHWC images: (N, C), or (N, C, h, w) for segmenters. Where the
+        model runs out of GPU memory on a batch, it runs on halves of it and keeps that smaller size
+        for the rest of the job (logged): the default batch can suit a large GPU without failing the
+        job on a small one."""
+        torch = self.torch
+        with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
+        n, parts, start = len(x), [], 0
+        while start < n:
+            size = min(n - start, (self.fits or n))
+            try:
+                parts.append(self._run(x[start:start + size]))
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.fits = size // 2
+                torch.cuda.empty_cache()
+                log.warning("%s: a batch of %d images ran out of GPU memory; running %d at a time from now on "
+                            "(score.batch_size=%d would start there)", self.info.name, size, size // 2, size // 2)
+                continue
+            start += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self, x):
+        """The model on at most one model batch already on the device (padded when compiled)."""
+        torch = self.torch
+        n = len(x)
+        if self.pad_to:
+            size = padded_size(n, min(self.pad_to, self.fits or self.pad_to))
+            if n < size:
+                x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+        x = model_io.model_input(x, self.info.preprocess, self.dtype)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            return model_io.probabilities(self.module(x)[:n], self.info.task)

@@ -56,6 +56,7 @@ class CompileCache:
                  s3: S3Config | None):
         import torch
 
+        device = torch.device(device)
         kind = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"cpu-{torch.backends.cpu.get_cpu_capability()}")
         key = "\n".join([*versions, kind, torch.__version__, precision])

@@ -216,11 +216,12 @@ def _pipeline(plan: Plan, sc: ScoreConfig, s3: S3Config | None, todo: list[tuple
     memory = task_memory(plan.inputs, plan.expect_size, sc.decode_batch, any(u.startswith("s3://") for _, u in todo))
     _check_room(sc, cap, place, {"CPU": 1.0, "memory": float(memory)})
     settings = ActorSettings(device=device, threads=sc.actor_threads or max(1, int(sc.actor_cpus)),
-                             precision=sc.precision, compile=use_compile(sc, device, len(todo), place.initial),
+                             precision=sc.precision,
+                             compile=sc.engine == "torch" and use_compile(sc, device, len(todo), place.initial),
                              batch=batch, compile_cache=sc.compile_cache, s3=s3)
     log.info("scoring %d images on %s model actor(s) (%d at first, at most %s), batch %d, %d batch(es) per "
              "actor at once, %s", len(todo), device, place.initial, place.most or "no limit", batch, calls,
-             "compiled" if settings.compile else "not compiled")
+             "ONNX Runtime" if sc.engine == "onnxruntime" else "compiled" if settings.compile else "not compiled")
     before = _scorer_actors()
     ds = ray.data.from_items([{"image_id": i, "source_uri": u} for i, u in todo],
                              override_num_blocks=max(1, math.ceil(len(todo) / sc.decode_batch)))

@@ -2,7 +2,9 @@
 columns, and the rule that turns probabilities into labels.
 
 A model version (``digest``) is the SHA-256 of the weights and the decision settings (thresholds,
-minimum areas): recalibrating a checkpoint makes a new version, which a rerun scores again.
+minimum areas): recalibrating a checkpoint makes a new version, which a rerun scores again. An
+exported model's version is its file's SHA-256 (the file holds its decision settings), as
+``jobs/export.py`` reports it, unless ``score.min_area`` overrides the file's minimum areas.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import input_stats, metrics, storage
+from steelray import input_stats, metrics, onnx_model, storage
 from steelray.config import ScoreConfig
 from steelray.images import SEVERSTAL_SIZE
 from steelray.model_io import Preprocess
@@ -54,6 +56,7 @@ class ModelInfo:
     digest: str                     # sha256 of the weights and decision settings, first 16 hex digits
     data_format: str
     min_area: tuple[int, ...] = ()  # segmenters: per class, calibrated by jobs/evaluate.py (empty: 0)
+    exported: bool = False          # an .onnx file of jobs/export.py (ONNX Runtime), not a checkpoint folder
 
     @property
     def segmenter(self) -> bool:
@@ -63,25 +66,34 @@ class ModelInfo:
 def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = ()) -> ModelInfo:
     """The checkpoint at ``uri``; for a segmenter, ``min_area`` (``score.min_area``) replaces the
     checkpoint's own minimum mask areas, and so makes another model version where it differs."""
-    from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
-
     try:
-        meta = checkpoint.read_meta(uri, s3)
-        weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
-    except FileNotFoundError as e:
+        if onnx_model.is_exported(uri):  # the file itself is the version's weights
+            weights = onnx_model.read(uri, s3)
+            meta = onnx_model.OnnxModel(weights, uri).meta
+        else:
+            from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
+
+            meta = checkpoint.read_meta(uri, s3)
+            weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
+    except (FileNotFoundError, onnx_model.ExportedModelError) as e:
         raise ScoreError(f"checkpoint {uri}: {e}") from None
     task = meta["task"]
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
+    if "export" in meta:
+        name += f" onnx-{meta['export']['precision']}"
     thresholds, own = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
     differs = task == "segmentation" and min_area and tuple(min_area) != (own or (0,) * len(classes))
     min_area = tuple(min_area) if differs else own
     decision = json.dumps({"thresholds": thresholds, "min_area": min_area}).encode()
+    if onnx_model.is_exported(uri) and not differs:  # the file holds its decision: its digest is the version
+        decision = b""
     return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
                      preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
                      digest=hashlib.sha256(weights + decision).hexdigest()[:16],
-                     data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area)
+                     data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area,
+                     exported=onnx_model.is_exported(uri))
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,14 @@ def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
     min_area = tuple(sc.min_area)  # the final model's: the segmenter's in a cascade
     primary = describe(sc.checkpoint, s3, () if sc.segmenter else min_area)
     segmenter = describe(sc.segmenter, s3, min_area) if sc.segmenter else None
+    for key, info in (("checkpoint", primary), ("segmenter", segmenter)):
+        if info is None or info.exported == (sc.engine == "onnxruntime"):
+            continue
+        if info.exported:
+            raise ScoreError(f"score.{key} {info.uri}: an exported ONNX model; score it with "
+                             "score.engine=onnxruntime, or give the checkpoint folder it came from")
+        raise ScoreError(f"score.{key} {info.uri}: score.engine=onnxruntime runs exported models (.onnx "
+                         "files): export the checkpoint with jobs/export.py and give the file it writes")
     if segmenter is not None:
         if primary.segmenter:
             raise ScoreError(f"score.checkpoint {sc.checkpoint}: a cascade gate must be a classifier, "

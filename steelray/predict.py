@@ -1,0 +1,90 @@
+"""Applying a model to a labelled set, as the scoring actor applies it: every image decoded,
+resized and normalised through ``model_io``, optionally under one of ``conditions``. A model is a
+checkpoint's ``nn.Module`` or an exported model (``onnx_model.OnnxModel``): evaluation, its report
+and the export's accuracy gate run either.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from steelray import checkpoint, conditions, config, data, images, metrics, model_io, onnx_model, rle
+
+PIXEL_THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)     # segmenter calibration candidates
+
+
+def read_meta(uri: str, s3=None) -> dict:
+    """The meta of a checkpoint folder, or the one an exported model carries."""
+    return onnx_model.read_meta(uri, s3) if onnx_model.is_exported(uri) else checkpoint.read_meta(uri, s3)
+
+
+def load_model(job: config.EvaluateJob):
+    """``evaluate.checkpoint`` as a model to apply: an exported model in ONNX Runtime, or the
+    checkpoint's module on ``evaluate.device``."""
+    uri = job.evaluate.checkpoint
+    if onnx_model.is_exported(uri):
+        return onnx_model.load(uri, job.s3, device=device_of(job))
+    return checkpoint.load_model(uri, job.s3, device=device_of(job))[0]
+
+
+def device_of(job: config.EvaluateJob) -> str:
+    if job.evaluate.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return job.evaluate.device
+
+
+class _Images(Dataset):
+    """Images by URI, optionally perturbed (robustness), resized as the checkpoint says (uint8 CxHxW),
+    with their index and original size."""
+
+    def __init__(self, uris: list[str], pre: model_io.Preprocess, perturb: str | None = None, s3=None):
+        self.uris, self.pre, self.perturb, self.s3 = uris, pre, perturb, s3
+
+    def __len__(self):
+        return len(self.uris)
+
+    def __getitem__(self, i):
+        image = images.load_image(self.uris[i], self.pre.in_chans, self.s3)
+        h, w = image.shape[:2]
+        if self.perturb is not None:
+            image = conditions.perturb_image(image, self.perturb, seed=i)
+        return model_io.to_chw(model_io.resize(image, self.pre.size)), i, h, w
+
+
+@torch.no_grad()
+def sheet_probabilities(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None):
+    """``(index, height, width, probabilities)`` for each image of ``manifest`` in order, through
+    ``model_io`` as the scoring actor does it: a classifier's (C,), a segmenter's (C, h, w) at the
+    model's input size (``model_io.masks`` takes them to the sheet's size)."""
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
+    device = None if isinstance(model, onnx_model.OnnxModel) else next(model.parameters()).device
+    loader = DataLoader(_Images(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
+                        num_workers=job.evaluate.loader_workers)
+    for x, idx, hs, ws in loader:
+        if isinstance(model, onnx_model.OnnxModel):  # the exported graph takes NHWC and normalises itself
+            probs = torch.from_numpy(model(x.permute(0, 2, 3, 1).numpy()))
+        else:
+            probs = model_io.probabilities(model(model_io.model_input(x.to(device), pre)), meta["task"])
+        for j, i in enumerate(idx.tolist()):
+            yield i, int(hs[j]), int(ws[j]), probs[j]
+
+
+def predict(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> np.ndarray:
+    """Probabilities: (N,) binary, (N, C) multilabel (sigmoid) or multiclass (softmax)."""
+    probs = np.stack([p.cpu().numpy() for *_, p in sheet_probabilities(model, meta, manifest, job, perturb)])
+    return probs[:, 0] if meta["task"] == "binary" else probs
+
+
+def predict_masks(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None) -> dict:
+    """Per (image, class): areas and overlaps at every candidate threshold, at the image's own size."""
+    rles = list(manifest.records.rles)
+    parts = []
+    for i, h, w, probs in sheet_probabilities(model, meta, manifest, job, perturb):
+        full = model_io.at_size(probs, h, w).cpu().numpy()
+        truth = np.stack([rle.decode(r, (h, w)) for r in rles[i]]).astype(bool)
+        parts.append(metrics.mask_stats(full, truth, PIXEL_THRESHOLDS))
+    stats = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    stats["candidates"] = PIXEL_THRESHOLDS
+    return stats
