@@ -134,7 +134,7 @@ def run(job: config.ExportJob) -> Export:
     log.info("parity on %d validation images: largest probability difference %.2e (tolerance %.0e)",
              len(shown), diff, opts.tolerance)
     if diff > opts.tolerance:
-        storage.write_text(storage.join(out, REPORT), json.dumps(result.summary(), indent=1), job.s3)
+        _refused(out, (FP32, INT8), result, job)
         raise ExportError(f"export refused: the ONNX model's probabilities differ from PyTorch's by up to "
                           f"{diff:.2e} on {len(shown)} validation images (export.tolerance {opts.tolerance:.0e})")
     fp32 = with_meta(fp32, {**meta, "export": {**source, "precision": "fp32", "parity": result.fp32["parity"]}})
@@ -148,12 +148,23 @@ def run(job: config.ExportJob) -> Export:
                                  opts.calibration)
         result.int8.update(gate(job, meta, int8))
         int8 = with_meta(int8, {**meta, "export": {**source, "precision": "int8", **result.int8}})
-        if not result.refused:
-            result.int8.update(uri=storage.join(out, INT8), digest=hashlib.sha256(int8).hexdigest()[:16],
-                               bytes=len(int8))
-            storage.write_bytes(result.int8["uri"], int8, job.s3)
+        if result.refused:
+            _refused(out, (INT8,), result, job)
+            return result
+        result.int8.update(uri=storage.join(out, INT8), digest=hashlib.sha256(int8).hexdigest()[:16], bytes=len(int8))
+        storage.write_bytes(result.int8["uri"], int8, job.s3)
     storage.write_text(storage.join(out, REPORT), json.dumps(result.summary(), indent=1), job.s3)
     return result
+
+
+def _refused(out: str, names: tuple[str, ...], result: Export, job: config.ExportJob) -> None:
+    """The figures of a refused export, and no model of that kind left in ``out`` from an earlier
+    export (it would pass for this checkpoint's)."""
+    for name in names:
+        if storage.isfile(storage.join(out, name), job.s3):
+            storage.remove(storage.join(out, name), job.s3)
+            log.warning("removed %s: an earlier export's, not this checkpoint's", storage.join(out, name))
+    storage.write_text(storage.join(out, REPORT), json.dumps(result.summary(), indent=1), job.s3)
 
 
 def gate(job: config.ExportJob, meta: dict, int8: bytes) -> dict:
