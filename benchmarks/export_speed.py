@@ -57,6 +57,25 @@ def speed(models: dict, batch: np.ndarray, rounds: int, seconds: float) -> dict:
     return {name: {"median": statistics.median(r), "rounds": [round(x, 1) for x in r]} for name, r in rates.items()}
 
 
+def sheet_model(folder: str, severstal: str) -> tuple[str, np.ndarray]:
+    """An untrained resnet18 checkpoint (multi-label, 4 classes, 1 channel, 256x1600) in ``folder``,
+    and the real sheets of ``severstal``/train_images at its input size."""
+    from steelray import checkpoint, config, data, export, model_io, models
+
+    cfg = config.load(None, ["task=multilabel", "model.name=resnet18", "input.size=[256,1600]", "data.format=severstal"])
+    torch.manual_seed(0)
+    checkpoint.write(folder, models.build_model(cfg, 4),
+                     checkpoint.make_meta(cfg, list(data.SEVERSTAL_CLASSES), models.preprocess_for(cfg)))
+    images = os.path.join(severstal, "train_images")
+    return folder, export.sheets(sorted(os.path.join(images, n) for n in os.listdir(images)),
+                                 model_io.Preprocess.from_dict(checkpoint.read_meta(folder)["preprocess"]))
+
+
+def repeated(sheets: np.ndarray, n: int) -> np.ndarray:
+    """``n`` of ``sheets``, repeating them where there are fewer."""
+    return np.resize(sheets, (n, *sheets.shape[1:])) if n > len(sheets) else sheets[:n]
+
+
 def neu_f1(ckpt: str, fp32: str, int8: str, data_root: str) -> dict:
     from steelray import config, evaluate, metrics, predict
 
@@ -88,7 +107,7 @@ def main():
     p.add_argument("--seconds", type=float, default=8.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from steelray import checkpoint, config, data, evaluate, export, model_io, models, onnx_model, quantize
+    from steelray import checkpoint, config, data, evaluate, export, model_io, onnx_model, quantize
 
     tmp = tempfile.mkdtemp(prefix="export-speed-")
     results = {"threads": args.threads, "batch": args.batch, "torch": torch.__version__}
@@ -112,27 +131,19 @@ def main():
     print("NEU macro-F1", json.dumps(results["neu_macro_f1"]), flush=True)
 
     # resnet18 at 256x1600, untrained: speed only; INT8 calibrated on the real sheets.
-    cfg = config.load(None, ["task=multilabel", "model.name=resnet18", "input.size=[256,1600]", "data.format=severstal"])
-    torch.manual_seed(0)
-    r18 = f"{tmp}/r18"
-    checkpoint.write(r18, models.build_model(cfg, 4), checkpoint.make_meta(
-        cfg, list(data.SEVERSTAL_CLASSES), models.preprocess_for(cfg)))
+    r18, calib = sheet_model(f"{tmp}/r18", args.severstal)
     model, r18_meta = checkpoint.load_model(r18)
     fp32 = export.to_onnx(model, {**r18_meta, "export": {"precision": "fp32", "checkpoint": r18}})
-    sheets = sorted(os.path.join(args.severstal, "train_images", n)
-                    for n in os.listdir(os.path.join(args.severstal, "train_images")))
-    r18_pre = model_io.Preprocess.from_dict(r18_meta["preprocess"])
-    calib = export.sheets(sheets, r18_pre)
     q = quantize.quantize(fp32, (calib[i:i + 4] for i in range(0, len(calib), 4)))
     q = export.with_meta(q, {**r18_meta, "export": {"precision": "int8", "checkpoint": r18}})
     for name, blob in (("model.onnx", fp32), ("model.int8.onnx", q)):
         with open(f"{r18}/{name}", "wb") as f:
             f.write(blob)
+    r18_pre = model_io.Preprocess.from_dict(r18_meta["preprocess"])
     diff = export.parity(export.Graph(model, r18_pre, "multilabel"), onnx_model.OnnxModel(fp32), calib, step=4)
     results["r18_parity_max_abs_diff"] = diff
-    big = np.resize(calib, (args.batch, *calib.shape[1:])) if args.batch > len(calib) else calib[:args.batch]
     results["r18_speed"] = speed(engines(r18, f"{r18}/model.onnx", f"{r18}/model.int8.onnx", args.threads, args.batch),
-                                 big, args.rounds, args.seconds)
+                                 repeated(calib, args.batch), args.rounds, args.seconds)
     print("resnet18 256x1600", json.dumps(results["r18_speed"]), flush=True)
     with open(os.path.join(tmp, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

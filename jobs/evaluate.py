@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--write-thresholds", action="store_true",
                    help="store the calibrated thresholds in the checkpoint's meta.json (the old one is kept)")
     p.add_argument("--no-robustness", action="store_true", help="skip the glare/dim/crushed/blur/noise passes")
+    p.add_argument("--tta", choices=("none", "flips", "dihedral"),
+                   help="test-time augmentation, as score.tta (evaluate.tta; default none)")
     args = p.parse_args(argv)
-    flags = [f"evaluate.{k}={v}" for k in ("checkpoint", "out", "split") if (v := getattr(args, k))]
+    flags = [f"evaluate.{k}={v}" for k in ("checkpoint", "out", "split", "tta") if (v := getattr(args, k))]
     flags += [f"data.root={args.data}"] * bool(args.data) + ["evaluate.write_thresholds=true"] * args.write_thresholds
     flags += ["evaluate.robustness=false"] * args.no_robustness
     from steelray import evaluate, images, report

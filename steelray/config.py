@@ -125,10 +125,12 @@ class ScoreConfig:
     """The nightly scoring job (``jobs/score.py``): what to score, with which checkpoint(s), where to."""
 
     input: str = ""                # folder / s3:// prefix of images, a manifest file (.txt, .csv) of URIs, or one image
-    checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://), or with
-                                   # engine onnxruntime an exported model (.onnx file of jobs/export.py)
+    checkpoint: str = ""           # classifier or segmenter checkpoint folder (local or s3://), an ensemble
+                                   # folder (jobs/ensemble.py), or with engine onnxruntime an exported .onnx
     engine: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: the model actors run exported
                                    # models (CPU; CUDA where the onnxruntime build has it); no compile
+    tta: Literal["none", "flips", "dihedral"] = "none"  # test-time augmentation: probabilities averaged
+                                   # over flipped views (dihedral: and 90-degree turns, square inputs); a version of its own
     segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
     output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date
     run_date: str = ""             # partition value; empty: today's UTC date (YYYY-MM-DD)
@@ -204,10 +206,11 @@ class SynthJob:
 class EvaluateConfig:
     """Evaluating a checkpoint on a labelled set (``jobs/evaluate.py``)."""
 
-    checkpoint: str = ""           # checkpoint folder or s3:// prefix
+    checkpoint: str = ""           # checkpoint folder or s3:// prefix, an exported .onnx, or an ensemble folder
     split: Literal["val", "all"] = "val"  # val: the training run's validation split; all: every image
     min_recall: dict[str, float] = setting({})  # class -> recall its calibrated threshold must keep
     robustness: bool = True        # also under glare, dimming, under-exposure, blur and noise
+    tta: Literal["none", "flips", "dihedral"] = "none"  # as score.tta: evaluate the model as it will be scored
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = setting(32, min=1)
     loader_workers: int = setting(0, min=0)
@@ -379,9 +382,12 @@ def _check_space(cfg: Config) -> None:
     for name, spec in t.space.items():
         key = f"tune.space.{name}"
         section, _, field_name = name.partition(".")
-        if section not in SPACE_SECTIONS or "." in field_name or not field_name:
+        if name == "data.fold":  # cross-validation: the same recipe on each fold (jobs/crossval.py)
+            if cfg.data.folds < 2:
+                raise ConfigError(f"{key}: sweeping folds needs data.folds >= 2, got {cfg.data.folds}")
+        elif section not in SPACE_SECTIONS or "." in field_name or not field_name:
             raise ConfigError(f"{key}: expected section.key with section one of {', '.join(SPACE_SECTIONS)} "
-                              "(data and ray stay fixed across trials), e.g. train.lr")
+                              "(data and ray stay fixed across trials, but for data.fold), e.g. train.lr")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
             raise ConfigError(f"{key}: expected one of {{{': [...]}, {'.join(SPACE_KINDS)}: [...]}}, got {spec!r}")
         (kind, values), = spec.items()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from steelray import checkpoint, conditions, config, data, metrics, onnx_model, predict, storage
+from steelray import checkpoint, conditions, config, data, ensemble, metrics, model_io, onnx_model, predict, storage
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Evaluation:
         counts = self.manifest.class_counts()
         return {
             "checkpoint": self.job.evaluate.checkpoint, "model": self.meta.get("model", {}), "task": self.task,
-            "exported": self.meta.get("export"),
+            "exported": self.meta.get("export"), "tta": self.job.evaluate.tta,
             "classes": self.classes, "evaluated_at": self.started, "epoch": self.meta.get("epoch"),
             "data": {"root": self.cfg.data.root, "format": self.cfg.data.format, "split": self.job.evaluate.split,
                      "images": len(self.manifest), "class_counts": counts},
@@ -83,6 +83,10 @@ def run(job: config.EvaluateJob) -> Evaluation:
         raise EvaluationError(f"{job.evaluate.checkpoint}: an exported model carries the thresholds it was "
                               "exported with; calibrate its checkpoint (--write-thresholds there) and export again")
     meta = predict.read_meta(job.evaluate.checkpoint, job.s3)
+    try:
+        model_io.check_tta(job.evaluate.tta, model_io.Preprocess.from_dict(meta["preprocess"]), "evaluate.tta")
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     cfg = labelled_set_config(meta, job)
     manifest = select(data.build_manifest(cfg), cfg, job)
     task = meta["task"]
@@ -266,6 +270,11 @@ def write_back(ev: Evaluation) -> str:
     """Store the calibrated thresholds (and minimum areas) in the checkpoint's meta.json, where the
     scoring job reads them; the previous meta.json is kept beside it as meta.before-<time>.json."""
     uri = ev.job.evaluate.checkpoint
+    note = {"at": ev.started, "data": ev.cfg.data.root, "split": ev.job.evaluate.split, "images": len(ev.manifest),
+            "min_recall": ev.job.evaluate.min_recall, "tta": ev.job.evaluate.tta, "chosen": ev.calibration["chosen"]}
+    if "ensemble" in ev.meta:
+        return ensemble.write_thresholds(uri, ev.calibration["thresholds"], ev.calibration.get("min_area"), note,
+                                         ev.job.s3)
     meta_uri = storage.join(uri, checkpoint.META)
     old = storage.read_text(meta_uri, ev.job.s3)
     stamp = ev.started.replace(":", "").replace("+0000", "Z")
@@ -274,9 +283,7 @@ def write_back(ev: Evaluation) -> str:
     meta["thresholds"] = ev.calibration["thresholds"]
     if "min_area" in ev.calibration:
         meta["min_area"] = ev.calibration["min_area"]
-    meta["calibration"] = {"at": ev.started, "data": ev.cfg.data.root, "split": ev.job.evaluate.split,
-                           "images": len(ev.manifest), "min_recall": ev.job.evaluate.min_recall,
-                           "chosen": ev.calibration["chosen"]}
+    meta["calibration"] = note
     storage.write_text(meta_uri, json.dumps(meta, indent=1), ev.job.s3)
     return meta_uri
 

@@ -7,6 +7,8 @@ that training, evaluation, the report and the scoring actor all call.
       -> model -> probabilities(logits, task)     sigmoid, or softmax for a multi-class classifier
       -> masks(probs, height, width, ...)         segmenters: back to the sheet's own size, per-class
                                                   pixel threshold and minimum area
+    with_tta(run, batch, mode, ...)               test-time augmentation: the model's probabilities
+                                                  averaged over flipped (and turned) views
 
 ``Preprocess`` is what a checkpoint stores of this (size, channels, normalisation), so scoring
 rebuilds it from the checkpoint and never restates it. Torch is imported inside the functions that
@@ -138,3 +140,64 @@ def masks(probs, height: int, width: int, thresholds, min_area) -> list[np.ndarr
             mask = np.zeros_like(mask)
         out.append(mask)
     return out
+
+
+# --- test-time augmentation ---------------------------------------------------------------------
+# A view is (transpose, flip rows, flip columns), applied in that order; its inverse undoes them in
+# the reverse order. "flips": the four views the flips of the two axes make (every data set:
+# Severstal sheets are as valid upside down and mirrored); "dihedral": those and their transposes,
+# the eight symmetries of a square (NEU's images, which have no up or left either). Transposing
+# needs a square input.
+TTA_VIEWS = {"none": [(False, False, False)],
+             "flips": [(False, v, h) for v in (False, True) for h in (False, True)],
+             "dihedral": [(t, v, h) for t in (False, True) for v in (False, True) for h in (False, True)]}
+
+
+def _flip(x, axis: int):
+    return np.flip(x, axis) if isinstance(x, np.ndarray) else x.flip(axis)
+
+
+def _transpose(x, a: int, b: int):
+    return np.swapaxes(x, a, b) if isinstance(x, np.ndarray) else x.transpose(a, b)
+
+
+def view(x, v: tuple[bool, bool, bool], rows: int):
+    """Batch ``x`` (a tensor or a NumPy array) seen through view ``v``; ``rows`` is the axis of image
+    rows (2 in NCHW, 1 in NHWC), columns the next."""
+    t, flip_rows, flip_cols = v
+    if t:
+        x = _transpose(x, rows, rows + 1)
+    if flip_rows:
+        x = _flip(x, rows)
+    return _flip(x, rows + 1) if flip_cols else x
+
+
+def unview(y, v: tuple[bool, bool, bool]):
+    """A segmenter's (N, C, h, w) output for view ``v`` back in the original orientation."""
+    t, flip_rows, flip_cols = v
+    if flip_cols:
+        y = _flip(y, 3)
+    if flip_rows:
+        y = _flip(y, 2)
+    return _transpose(y, 2, 3) if t else y
+
+
+def check_tta(mode: str, pre: Preprocess, name: str) -> None:
+    """Raise ValueError where ``mode`` cannot apply to a model with input ``pre`` (``name`` says whose)."""
+    if mode not in TTA_VIEWS:
+        raise ValueError(f"{name}: tta {mode!r} is not one of {', '.join(TTA_VIEWS)}")
+    if mode == "dihedral" and pre.size[0] != pre.size[1]:
+        raise ValueError(f"{name}: tta dihedral turns images by 90 degrees, which needs a square input; "
+                         f"this model's is {pre.size[0]}x{pre.size[1]} (use flips)")
+
+
+def with_tta(run, x, mode: str, rows: int, segmenter: bool):
+    """The mean of ``run``'s probabilities over ``mode``'s views of batch ``x`` (segmenters' masks
+    turned back first): where the batch already is, on its device for a tensor."""
+    views = TTA_VIEWS[mode]
+    total = None
+    for v in views:
+        out = run(view(x, v, rows))
+        out = unview(out, v) if segmenter else out
+        total = out if total is None else total + out
+    return total / len(views) if len(views) > 1 else total

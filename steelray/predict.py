@@ -10,23 +10,50 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from steelray import checkpoint, conditions, config, data, images, metrics, model_io, onnx_model, rle
+from steelray import checkpoint, conditions, config, data, ensemble, images, metrics, model_io, onnx_model, rle
 
 PIXEL_THRESHOLDS = np.round(np.arange(0.1, 0.95, 0.05), 2)     # segmenter calibration candidates
 
 
 def read_meta(uri: str, s3=None) -> dict:
-    """The meta of a checkpoint folder, or the one an exported model carries."""
-    return onnx_model.read_meta(uri, s3) if onnx_model.is_exported(uri) else checkpoint.read_meta(uri, s3)
+    """The meta of a checkpoint folder, the one an exported model carries, or an ensemble's."""
+    if onnx_model.is_exported(uri):
+        return onnx_model.read_meta(uri, s3)
+    if ensemble.is_ensemble(uri, s3):
+        return ensemble.meta(uri, s3)
+    return checkpoint.read_meta(uri, s3)
 
 
-def load_model(job: config.EvaluateJob):
-    """``evaluate.checkpoint`` as a model to apply: an exported model in ONNX Runtime, or the
-    checkpoint's module on ``evaluate.device``."""
-    uri = job.evaluate.checkpoint
+def load_model(job: config.EvaluateJob, uri: str = ""):
+    """``evaluate.checkpoint`` (or ``uri``) as a model to apply: an exported model in ONNX Runtime,
+    the checkpoint's module on ``evaluate.device``, or an ensemble's members (``Members``)."""
+    uri = uri or job.evaluate.checkpoint
     if onnx_model.is_exported(uri):
         return onnx_model.load(uri, job.s3, device=device_of(job))
+    if ensemble.is_ensemble(uri, job.s3):
+        members = ensemble.member_uris(uri, ensemble.read(uri, job.s3))
+        return Members([load_model(job, m) for m in members], [read_meta(m, job.s3) for m in members])
     return checkpoint.load_model(uri, job.s3, device=device_of(job))[0]
+
+
+class Members:
+    """An ensemble's loaded members and their metas: ``sheet_probabilities`` averages them."""
+
+    def __init__(self, models: list, metas: list[dict]):
+        self.models, self.metas = models, metas
+
+
+def _probabilities(model, meta: dict, x, tta: str):
+    """A model's probabilities for a uint8 NCHW CPU batch ``x``, averaged over ``tta``'s views; an
+    ensemble's, the mean of its members'."""
+    segmenter = meta["task"] == "segmentation"
+    if isinstance(model, Members):
+        return sum(_probabilities(m, mm, x, tta) for m, mm in zip(model.models, model.metas)) / len(model.models)
+    if isinstance(model, onnx_model.OnnxModel):  # the exported graph takes NHWC and normalises itself
+        return torch.from_numpy(model_io.with_tta(model, x.permute(0, 2, 3, 1).numpy(), tta, 1, segmenter))
+    pre = model_io.Preprocess.from_dict(meta["preprocess"])
+    return model_io.with_tta(lambda v: model_io.probabilities(model(model_io.model_input(v, pre)), meta["task"]),
+                             x.to(next(model.parameters()).device), tta, 2, segmenter)
 
 
 def device_of(job: config.EvaluateJob) -> str:
@@ -57,16 +84,13 @@ class _Images(Dataset):
 def sheet_probabilities(model, meta: dict, manifest: data.Manifest, job: config.EvaluateJob, perturb: str | None = None):
     """``(index, height, width, probabilities)`` for each image of ``manifest`` in order, through
     ``model_io`` as the scoring actor does it: a classifier's (C,), a segmenter's (C, h, w) at the
-    model's input size (``model_io.masks`` takes them to the sheet's size)."""
+    model's input size (``model_io.masks`` takes them to the sheet's size), averaged over the
+    test-time views ``evaluate.tta`` names."""
     pre = model_io.Preprocess.from_dict(meta["preprocess"])
-    device = None if isinstance(model, onnx_model.OnnxModel) else next(model.parameters()).device
     loader = DataLoader(_Images(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
                         num_workers=job.evaluate.loader_workers)
     for x, idx, hs, ws in loader:
-        if isinstance(model, onnx_model.OnnxModel):  # the exported graph takes NHWC and normalises itself
-            probs = torch.from_numpy(model(x.permute(0, 2, 3, 1).numpy()))
-        else:
-            probs = model_io.probabilities(model(model_io.model_input(x.to(device), pre)), meta["task"])
+        probs = _probabilities(model, meta, x, job.evaluate.tta)
         for j, i in enumerate(idx.tolist()):
             yield i, int(hs[j]), int(ws[j]), probs[j]
 

@@ -29,7 +29,7 @@ def write(ev: evaluate.Evaluation, out: str) -> dict:
     for name in (PLOTS_SEGMENTER if ev.task == "segmentation" else PLOTS_CLASSIFIER):
         if name == "robustness" and not ev.robustness:
             continue
-        if name == "gradcam" and "export" in ev.meta:  # gradients need the PyTorch model
+        if name == "gradcam" and ("export" in ev.meta or "ensemble" in ev.meta):  # needs one PyTorch model
             continue
         if name in ("gradcam", "masks", "mistakes") and model is None:
             from steelray import predict

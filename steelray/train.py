@@ -49,9 +49,10 @@ class Prepared:
     summary: str
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Build the manifest and split it (checks every image when ``data.verify_images``)."""
-    manifest = data.build_manifest(cfg)
+def prepare(cfg: Config, manifest: data.Manifest | None = None) -> Prepared:
+    """Build the manifest (checks every image when ``data.verify_images``), or take the one given,
+    and split it as ``cfg.data`` says."""
+    manifest = data.build_manifest(cfg) if manifest is None else manifest
     train_m, val_m = data.split(manifest, cfg.data)
     return Prepared(manifest.classes, records(train_m, cfg.task), records(val_m, cfg.task), manifest.summary())
 

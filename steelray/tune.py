@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import yaml
 
-from steelray import cluster, config, storage, train
+from steelray import cluster, config, data, storage, train
 from steelray.config import Config
 
 # The Optuna study users ran before: 5 trials over these, maximising validation macro-F1.
@@ -63,14 +63,16 @@ def run(cfg: Config) -> SweepResult:
     sweep_uri = storage.join(root, name)
     cluster.check_shared([("data.root", cfg.data.root), ("ray.storage_path", cfg.ray.storage_path)],
                          cfg.ray.shared_paths, cfg.ray.address)
-    prepared = train.prepare(cfg)
+    manifest = data.build_manifest(cfg)
+    prepared = train.prepare(cfg, manifest)
     connect(cfg)
     concurrent = max_concurrent(cfg)
     storage_path, fs = storage.pyarrow_filesystem(root, cfg.s3)
     params, choices = param_space(cfg.tune)
     base = {k: v for k, v in config.to_dict(cfg, redact=False).items() if k != "tune"}
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(_trial, base=base, choices=choices, prepared=prepared, sweep_uri=sweep_uri),
+        ray_tune.with_parameters(_trial, base=base, choices=choices, prepared=prepared, sweep_uri=sweep_uri,
+                                 manifest=manifest if "data.fold" in cfg.tune.space else None),
         {"cpu": 0, "trial_driver": 1})
     state_path = f"{storage_path}/{name}"
     resumed = ray_tune.Tuner.can_restore(state_path, storage_filesystem=fs)
@@ -111,9 +113,11 @@ def with_space(cfg: Config) -> Config:
 
 # --- the trial ----------------------------------------------------------------------------------
 
-def _trial(params: dict, base: dict, choices: dict, prepared: train.Prepared, sweep_uri: str) -> None:
+def _trial(params: dict, base: dict, choices: dict, prepared: train.Prepared, sweep_uri: str,
+           manifest: data.Manifest | None = None) -> None:
     """One trial: the training config with this trial's values, trained by ``train.fit`` as usual.
-    Its Train run is named after the trial, so a resumed sweep resumes the run from its checkpoint."""
+    Its Train run is named after the trial, so a resumed sweep resumes the run from its checkpoint.
+    A sweep over ``data.fold`` (cross-validation) splits the manifest for each trial's fold."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -124,6 +128,8 @@ def _trial(params: dict, base: dict, choices: dict, prepared: train.Prepared, sw
     cfg = config.from_dict(raw)
     trial_id = ray_tune.get_context().get_trial_id()
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=storage.join(sweep_uri, "train"), run_name=trial_id))
+    if manifest is not None:
+        prepared = train.prepare(cfg, manifest)
     train.fit(cfg, prepared, callbacks=[TuneReportCallback()])
 
 
@@ -249,7 +255,7 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
         history = result.metrics_dataframe
         history = history if history is not None and not history.empty else pd.DataFrame()
         trial_id = result.metrics.get("trial_id") or _trial_id(result.path)
-        history = _train_history(sweep_uri, trial_id, cfg, history)
+        history = train_history(sweep_uri, trial_id, cfg, history)
         values = decode(result.config, choices)
         epochs_planned = values.get("train.epochs", cfg.train.epochs)
         row = {"trial_id": trial_id, "status": "", **values, metric: math.nan, "best_epoch": pd.NA,
@@ -257,7 +263,7 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
                "seconds": round(float(result.metrics.get("time_total_s", math.nan)), 1),
                "checkpoint": "", "error": ""}
         if metric in history and history[metric].notna().any():
-            best = _best_epoch(history, metric, kept_epochs(sweep_uri, trial_id, cfg))
+            best = best_epoch(history, metric, kept_epochs(sweep_uri, trial_id, cfg))
             row[metric], row["best_epoch"] = float(best[metric]), int(best["epoch"])
             row["checkpoint"] = best.get("kept", "")
         if result.error is not None:
@@ -270,7 +276,7 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
     return pd.DataFrame(rows)
 
 
-def _train_history(sweep_uri: str, trial_id: str, cfg: Config, reported: pd.DataFrame) -> pd.DataFrame:
+def train_history(sweep_uri: str, trial_id: str, cfg: Config, reported: pd.DataFrame) -> pd.DataFrame:
     """The trial's epochs as its Train run wrote them (``metrics.csv``) when that holds more than Tune
     recorded: a sweep killed after a run's last epoch but before Tune saved it resumes that trial,
     whose run then has nothing left to train and reports nothing new."""
@@ -298,7 +304,7 @@ def kept_epochs(sweep_uri: str, trial_id: str, cfg: Config) -> dict[int, str]:
             if n.startswith("epoch-") and n[len("epoch-"):].isdigit()}
 
 
-def _best_epoch(history: pd.DataFrame, metric: str, kept: dict[int, str]) -> pd.Series:
+def best_epoch(history: pd.DataFrame, metric: str, kept: dict[int, str]) -> pd.Series:
     """The epoch with the best metric, preferring (among equals) the one whose checkpoint was kept."""
     ranked = history.dropna(subset=[metric]).copy()
     ranked["kept"] = ranked["epoch"].map(kept).fillna("")

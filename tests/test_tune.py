@@ -195,7 +195,45 @@ def test_trial_table_counts_the_epochs_the_train_run_wrote(tmp_path):
     (run / "metrics.csv").write_text("epoch,val_loss,macro_f1\n1,0.9,0.4\n2,0.7,0.6\n")
     cfg = config.load(NEU, [])
     seen = pd.DataFrame({"epoch": [1], "val_loss": [0.9], "macro_f1": [0.4]})
-    assert tune._train_history(str(tmp_path), "abc_00001", cfg, seen)["epoch"].tolist() == [1, 2]
+    assert tune.train_history(str(tmp_path), "abc_00001", cfg, seen)["epoch"].tolist() == [1, 2]
     both = pd.DataFrame({"epoch": [1, 2], "val_loss": [0.9, 0.7], "macro_f1": [0.4, 0.6]})
-    assert tune._train_history(str(tmp_path), "abc_00001", cfg, both) is both
-    assert tune._train_history(str(tmp_path), "other", cfg, seen) is seen
+    assert tune.train_history(str(tmp_path), "abc_00001", cfg, both) is both
+    assert tune.train_history(str(tmp_path), "other", cfg, seen) is seen
+
+
+# --- cross-validation (jobs/crossval.py) ------------------------------------------------------------
+
+def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_spread(ray_local, tmp_path, neu_small):
+    import json
+
+    from steelray import crossval
+
+    cfg = config.load(NEU, [f"data.root={neu_small}", *SMALL, "train.epochs=2", "data.folds=2",
+                            f"ray.storage_path={tmp_path}", "tune.name=cv"])
+    result = crossval.run(cfg)
+    folds = pd.read_csv(tmp_path / "cv" / "folds.csv")
+    assert folds.fold.tolist() == [0, 1] and (folds.status == "completed").all()
+    assert (folds.last_epoch == 2).all() and folds.best_epoch.between(1, 2).all()
+    for row in folds.itertuples():  # each fold's run trained on its own split, and kept its best epoch
+        run_cfg = config.load(str(tmp_path / "cv" / "train" / row.trial_id / "config.yaml"))
+        assert (run_cfg.data.fold, run_cfg.data.folds) == (row.fold, 2)
+        assert row.checkpoint.endswith(f"epoch-{row.best_epoch:04d}")
+    from steelray import ensemble  # the fold models, as jobs/ensemble.py --crossval takes them
+
+    assert ensemble.fold_models(str(tmp_path / "cv")) == folds.checkpoint.tolist()
+    saved = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+    assert saved["metric"] == result["metric"] == "macro_f1" and len(saved["per_fold"]) == 2
+    for column in ("best_macro_f1", "last_macro_f1", "best_accuracy", "last_val_loss"):
+        a = saved["aggregate"][column]
+        assert a["mean"] == pytest.approx(folds[column].mean()) and a["folds"] == 2
+        assert a["std"] == pytest.approx(folds[column].std(ddof=1))
+        assert a["min"] == pytest.approx(folds[column].min()) and a["max"] == pytest.approx(folds[column].max())
+
+
+def test_crossval_needs_folds():
+    from steelray import crossval
+
+    with pytest.raises(config.ConfigError, match="data.folds: cross-validation needs >= 2 folds, got 0"):
+        crossval.cv_config(config.load(NEU, []))
+    with pytest.raises(config.ConfigError, match="sweeping folds needs data.folds >= 2"):
+        config.load(NEU, ["tune.space={data.fold: {grid: [0, 1]}}", "tune.search=grid"])

@@ -43,7 +43,7 @@ class ActorSettings:
 class Scorer:
     """``Scorer(plan, settings)(batch) -> pa.Table`` of output rows, one per input row. A checkpoint
     runs in PyTorch (``TorchModel``), an exported model in ONNX Runtime (``ExportedModel``: no torch
-    import, which the line-side scorer relies on)."""
+    import, which the line-side scorer relies on), an ensemble as its members (``EnsembleModel``)."""
 
     def __init__(self, plan: Plan, settings: ActorSettings):
         ours = logging.getLogger("steelray")
@@ -58,8 +58,7 @@ class Scorer:
             cache = CompileCache(settings.compile_cache, [m.digest for m in plan.models],
                                  [m.name for m in plan.models], settings.device, precision_of(settings), settings.s3)
             cache.load()
-        self.models = {info.uri: ExportedModel(info, settings) if info.exported else TorchModel(info, settings, cache)
-                       for info in plan.models}
+        self.models = {info.uri: runner(info, settings, cache) for info in plan.models}
 
     def __call__(self, batch: dict) -> pa.Table:
         plan, primary = self.plan, self.plan.primary
@@ -128,6 +127,23 @@ class Scorer:
             row.update(labels=found, any_defect=bool(found))
 
 
+def runner(info: ModelInfo, settings: ActorSettings, cache: CompileCache | None):
+    """What runs ``info`` in this actor: its members (an ensemble), ONNX Runtime, or PyTorch."""
+    if info.members:
+        return EnsembleModel(info, settings, cache)
+    return ExportedModel(info, settings) if info.exported else TorchModel(info, settings, cache)
+
+
+class EnsembleModel:
+    """An ensemble's members, each run as it would run alone; their probabilities averaged."""
+
+    def __init__(self, info: ModelInfo, settings: ActorSettings, cache: CompileCache | None):
+        self.members = [runner(m, settings, cache) for m in info.members]
+
+    def probabilities(self, images: np.ndarray):
+        return sum(m.probabilities(images) for m in self.members) / len(self.members)
+
+
 def precision_of(settings: ActorSettings) -> str:
     """``score.precision`` with ``auto`` resolved: bf16-mixed on GPU, fp32 on CPU."""
     if settings.precision != "auto":
@@ -143,14 +159,15 @@ class ExportedModel:
     """An exported model (``.onnx``, ``jobs/export.py``) in ONNX Runtime, as the actor runs it."""
 
     def __init__(self, info: ModelInfo, settings: ActorSettings):
-        self.model = onnx_model.load(info.uri, settings.s3, settings.threads, settings.device)
+        self.info, self.model = info, onnx_model.load(info.uri, settings.s3, settings.threads, settings.device)
         if settings.device == "cuda" and "CUDAExecutionProvider" not in self.model.providers:
             log.warning("%s: this onnxruntime has no CUDA provider; the model runs on the CPU "
                         "(install onnxruntime-gpu on GPU nodes)", info.name)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, C), or (N, C, h, w) for segmenters, of uint8 NHWC images at the model's input size."""
-        return self.model(images)
+        """(N, C), or (N, C, h, w) for segmenters, of uint8 NHWC images at the model's input size
+        (averaged over the test-time views, where ``score.tta`` asks)."""
+        return model_io.with_tta(self.model, images, self.info.tta, 1, self.info.segmenter)
 
 
 class TorchModel:
@@ -203,13 +220,19 @@ class TorchModel:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _run(self, x):
-        """The model on at most one model batch already on the device (padded when compiled)."""
+        """The model on at most one model batch already on the device (padded when compiled), each
+        test-time view in turn (``score.tta``), averaged there."""
         torch = self.torch
         n = len(x)
         if self.pad_to:
             size = padded_size(n, min(self.pad_to, self.fits or self.pad_to))
             if n < size:
                 x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-        x = model_io.model_input(x, self.info.preprocess, self.dtype)
+        info = self.info
+
+        def forward(view):
+            return model_io.probabilities(self.module(model_io.model_input(view, info.preprocess, self.dtype))[:n],
+                                          info.task)
+
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            return model_io.probabilities(self.module(x)[:n], self.info.task)
+            return model_io.with_tta(forward, x, info.tta, 2, info.segmenter)

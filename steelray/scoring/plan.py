@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import input_stats, metrics, onnx_model, storage
+from steelray import ensemble, input_stats, metrics, model_io, onnx_model, storage
 from steelray.config import ScoreConfig
 from steelray.images import SEVERSTAL_SIZE
 from steelray.model_io import Preprocess
@@ -57,30 +57,42 @@ class ModelInfo:
     data_format: str
     min_area: tuple[int, ...] = ()  # segmenters: per class, calibrated by jobs/evaluate.py (empty: 0)
     exported: bool = False          # an .onnx file of jobs/export.py (ONNX Runtime), not a checkpoint folder
+    tta: str = "none"               # test-time augmentation (model_io.TTA_VIEWS), part of the version
+    members: tuple[ModelInfo, ...] = ()  # an ensemble's: their probabilities are averaged
 
     @property
     def segmenter(self) -> bool:
         return self.task == "segmentation"
 
 
-def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = ()) -> ModelInfo:
+def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (), tta: str = "none") -> ModelInfo:
     """The checkpoint at ``uri``; for a segmenter, ``min_area`` (``score.min_area``) replaces the
-    checkpoint's own minimum mask areas, and so makes another model version where it differs."""
+    checkpoint's own minimum mask areas, and so makes another model version where it differs, as
+    test-time augmentation (``tta``, other than none) does. An ensemble folder is one model whose
+    version follows from its members' versions and its own decision settings."""
+    members: tuple[ModelInfo, ...] = ()
     try:
         if onnx_model.is_exported(uri):  # the file itself is the version's weights
             weights = onnx_model.read(uri, s3)
             meta = onnx_model.OnnxModel(weights, uri).meta
+        elif ensemble.is_ensemble(uri, s3):
+            meta = ensemble.meta(uri, s3)
+            members = tuple(describe(m, s3, (), tta) for m in meta["ensemble"])
+            weights = "\n".join(sorted(m.digest for m in members)).encode()  # the set: order is no version
         else:
             from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
 
             meta = checkpoint.read_meta(uri, s3)
             weights = storage.read_bytes(storage.join(uri, checkpoint.WEIGHTS), s3)
-    except (FileNotFoundError, onnx_model.ExportedModelError) as e:
+    except (FileNotFoundError, onnx_model.ExportedModelError, ensemble.EnsembleError) as e:
         raise ScoreError(f"checkpoint {uri}: {e}") from None
     task = meta["task"]
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
-    name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" else str(model.get("name"))
+    name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" and not members else str(model.get("name"))
+    if any(not m.preprocess.same_input(members[0].preprocess) or m.exported != members[0].exported for m in members):
+        raise ScoreError(f"ensemble {uri}: its members take different inputs, or mix checkpoints and exported "
+                         "models; rebuild it with jobs/ensemble.py")
     if "export" in meta:
         name += f" onnx-{meta['export']['precision']}"
     thresholds, own = tuple(meta["thresholds"]), tuple(meta.get("min_area") or ())
@@ -89,11 +101,19 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
     decision = json.dumps({"thresholds": thresholds, "min_area": min_area}).encode()
     if onnx_model.is_exported(uri) and not differs:  # the file holds its decision: its digest is the version
         decision = b""
+    if tta != "none":
+        decision += f"tta={tta}".encode()
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    try:
+        model_io.check_tta(tta, preprocess, f"score.tta for {uri}")
+    except ValueError as e:
+        raise ScoreError(str(e)) from None
     return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
-                     preprocess=Preprocess.from_dict(meta["preprocess"]), name=name,
+                     preprocess=preprocess, name=name,
                      digest=hashlib.sha256(weights + decision).hexdigest()[:16],
                      data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area,
-                     exported=onnx_model.is_exported(uri))
+                     exported=members[0].exported if members else onnx_model.is_exported(uri), tta=tta,
+                     members=members)
 
 
 @dataclass(frozen=True)
@@ -158,8 +178,8 @@ def make_plan(sc: ScoreConfig, s3: S3Config | None) -> Plan:
     if not sc.checkpoint:
         raise ScoreError("score.checkpoint: required (a checkpoint folder written by jobs/train.py)")
     min_area = tuple(sc.min_area)  # the final model's: the segmenter's in a cascade
-    primary = describe(sc.checkpoint, s3, () if sc.segmenter else min_area)
-    segmenter = describe(sc.segmenter, s3, min_area) if sc.segmenter else None
+    primary = describe(sc.checkpoint, s3, () if sc.segmenter else min_area, sc.tta)
+    segmenter = describe(sc.segmenter, s3, min_area, sc.tta) if sc.segmenter else None
     for key, info in (("checkpoint", primary), ("segmenter", segmenter)):
         if info is None or info.exported == (sc.engine == "onnxruntime"):
             continue

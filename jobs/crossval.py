@@ -1,0 +1,61 @@
+"""Judge a training recipe by k-fold cross-validation: the config trained on each of data.folds
+stratified, grouped folds (Ray Tune trials, in parallel where the cluster holds them), each fold's
+best and last-epoch validation figures, and their mean and spread.
+
+    python jobs/crossval.py --config jobs/configs/neu.yaml data.root=/data/neu-det data.folds=5
+    ray job submit --working-dir . -- python jobs/crossval.py --config jobs/configs/<x>.yaml data.folds=5
+
+Writes folds.csv and crossval.json in the sweep folder (<ray.storage_path>/<tune.name>; rerun with the
+same tune.name to resume). Each fold's run keeps its best checkpoint there: the fold models, e.g. for
+an ensemble. The last line printed is the target metric's mean and spread over the folds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from steelray import cli, config
+
+EXIT_CODES = {cli.DONE: "every fold trained; the figures are written",
+              cli.FAILED: "a fold failed (its error is printed; the others' figures are written)",
+              cli.BAD_ARGUMENTS: "bad config (data.folds < 2, ...): do not retry before fixing it"}
+
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")  # as jobs/tune.py: what a killed run can lose
+
+
+def main(argv=None) -> int:
+    args = cli.parser(__doc__, EXIT_CODES, config_required=True,
+                      config_help="YAML training config; data.folds >= 2").parse_args(argv)
+    try:
+        cfg = cli.load(args, config.Config)
+        from steelray import crossval, train, tune
+
+        train.target_metric(cfg)
+        crossval.cv_config(cfg)
+    except (config.ConfigError, FileNotFoundError) as e:
+        print(f"crossval: {e}", file=sys.stderr)
+        return cli.BAD_ARGUMENTS
+    try:
+        result = crossval.run(cfg)
+    except tune.SweepError as e:
+        print(f"crossval: {e}", file=sys.stderr)
+        return cli.FAILED
+    import pandas as pd
+
+    folds = pd.DataFrame(result["per_fold"])
+    shown = [c for c in folds.columns if c not in ("checkpoint", "error", "trial_id")]
+    print(folds[shown].to_string(index=False))
+    for row in folds[folds.status == "failed"].itertuples():
+        print(f"fold {row.fold} failed: {row.error}")
+    print(f"sweep folder: {result['sweep']}")
+    for name, a in result["aggregate"].items():
+        print(f"{name}: {a['mean']:.4f} ± {a['std']:.4f} (min {a['min']:.4f}, max {a['max']:.4f}, {a['folds']} folds)")
+    m = result["aggregate"].get(f"best_{result['metric']}")
+    print(f"{result['metric']} over {result['folds']} folds: " +
+          (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))
+    return cli.FAILED if (folds.status == "failed").any() else cli.DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Cross-validation of a training recipe (``jobs/crossval.py``): the config trained on each of its
+``data.folds`` stratified, grouped folds, and each fold's best and last-epoch figures with their
+mean and spread across folds: how a recipe is judged, rather than on the one split that chose it.
+
+The folds are the trials of one Ray Tune grid over ``data.fold`` (``tune.run``): independent Ray
+Train runs, as many at once as the cluster holds, and a killed run resumes where it stopped. The
+sweep folder (``<ray.storage_path>/<tune.name>``) gets ``folds.csv`` (a row per fold) and
+``crossval.json`` (the rows and the aggregate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pandas as pd
+
+from steelray import config, storage, tune
+from steelray.config import Config
+
+# Validation figures aggregated where the training run reports them.
+FIGURES = ("accuracy", "macro_f1", "micro_f1", "roc_auc", "dice", "val_loss")
+
+
+def cv_config(cfg: Config) -> Config:
+    """The sweep that is the cross-validation: one trial per fold, no early stopping."""
+    if cfg.data.folds < 2:
+        raise config.ConfigError(f"data.folds: cross-validation needs >= 2 folds, got {cfg.data.folds}")
+    raw = config.to_dict(cfg, redact=False)
+    name = cfg.tune.name or f"cv{cfg.data.folds}-{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    raw["tune"] = {**raw["tune"], "name": name, "search": "grid", "scheduler": "none", "num_samples": 0,
+                   "space": {"data.fold": {"grid": list(range(cfg.data.folds))}}}
+    return config.from_dict(raw)
+
+
+def run(cfg: Config) -> dict:
+    """Train ``cfg`` on each fold; returns (and writes) the per-fold rows and their aggregate."""
+    cv = cv_config(cfg)
+    swept = tune.run(cv)
+    metric = swept.metric
+    rows = [fold_row(swept.sweep_uri, trial, cv, metric) for trial in swept.trials.to_dict("records")]
+    folds = pd.DataFrame(rows).sort_values("fold").reset_index(drop=True)
+    result = {"sweep": swept.sweep_uri, "metric": metric, "folds": cfg.data.folds, "seed": cfg.data.seed,
+              "epochs": cfg.train.epochs, "aggregate": aggregate(folds), "per_fold": folds.to_dict("records")}
+    storage.write_text(storage.join(swept.sweep_uri, "folds.csv"), folds.to_csv(index=False), cfg.s3)
+    storage.write_text(storage.join(swept.sweep_uri, "crossval.json"), json.dumps(result, indent=1, default=_plain),
+                       cfg.s3)
+    return result
+
+
+def fold_row(sweep_uri: str, trial: dict, cfg: Config, metric: str) -> dict:
+    """A fold's figures at its best epoch (by ``metric``, as training keeps its checkpoint) and at its last."""
+    history = tune.train_history(sweep_uri, trial["trial_id"], cfg, pd.DataFrame())
+    row = {"fold": int(trial["data.fold"]), "trial_id": trial["trial_id"], "status": trial["status"],
+           "seconds": trial["seconds"], "checkpoint": trial["checkpoint"], "error": trial["error"]}
+    if history.empty or metric not in history:
+        return row
+    best = tune.best_epoch(history, metric, tune.kept_epochs(sweep_uri, trial["trial_id"], cfg))
+    last = history.sort_values("epoch").iloc[-1]
+    row.update(best_epoch=int(best["epoch"]), last_epoch=int(last["epoch"]))
+    for name in (n for n in FIGURES if n in history):
+        row[f"best_{name}"], row[f"last_{name}"] = float(best[name]), float(last[name])
+    return row
+
+
+def aggregate(folds: pd.DataFrame) -> dict:
+    """Per figure: the mean, the sample standard deviation, the lowest and highest over the folds
+    that report it, and how many did."""
+    out = {}
+    for column in (c for c in folds.columns if c.startswith(("best_", "last_")) and not c.endswith("_epoch")):
+        values = folds[column].dropna().astype(float)
+        if len(values):
+            out[column] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                           "min": float(values.min()), "max": float(values.max()), "folds": int(len(values))}
+    return out
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else None if value is pd.NA else str(value)
