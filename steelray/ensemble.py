@@ -79,6 +79,7 @@ def write(out: str, members: list[str], s3: S3Config | None = None) -> dict:
 
     if not members:
         raise EnsembleError("an ensemble needs at least one member")
+    members = [storage.absolute(m) for m in members]  # as given to a command: relative to where it ran
     if len({onnx_model.is_exported(m) for m in members}) > 1:
         raise EnsembleError("members: all checkpoint folders or all exported .onnx files, not a mix")
     metas = [member_meta(m, s3) for m in members]

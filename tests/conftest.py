@@ -119,6 +119,8 @@ def ray_local(tmp_path_factory):
 
     ray.init(num_cpus=2, resources={"trial_driver": 4},  # Tune trial drivers run on this, not on CPUs
              _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=None,
+             # not Ray's default port: the clusters test_multinode starts while this one is up want it
+             dashboard_port=_free_port(),
              # Ray Train's controller polls its workers every 2 s by default: a tiny test run waits
              # up to that long after its last epoch
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})

@@ -125,7 +125,7 @@ def _symmetric(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("engine", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_tta_leaves_a_symmetric_model_unchanged_and_moves_one_that_is_not(neu_real, tmp_path, engine):
     """Through the scoring actor, in PyTorch and in ONNX Runtime, on real NEU images."""
     cfg = config.load("jobs/configs/neu.yaml", [f"data.root={neu_real}", "model.name=simple_cnn",
