@@ -71,6 +71,24 @@ def sheet_model(folder: str, severstal: str) -> tuple[str, np.ndarray]:
                                  model_io.Preprocess.from_dict(checkpoint.read_meta(folder)["preprocess"]))
 
 
+def validation_batch(ckpt: str, data_root: str, n: int) -> np.ndarray:
+    """The first ``n`` images of the checkpoint's validation split (its data at ``data_root``) at its
+    input size, as the decode stage gives them to a model actor."""
+    from steelray import checkpoint, config, data, evaluate, export, model_io
+
+    meta = checkpoint.read_meta(ckpt)
+    job = config.load(None, [f"export.checkpoint={ckpt}", f"data.root={data_root}"], config.ExportJob)
+    labelled = evaluate.labelled_set_config(meta, export.gate_job(job, ckpt))
+    val = data.split(data.build_manifest(labelled), labelled.data)[1]
+    return export.sheets(val.records.uri.tolist()[:n], model_io.Preprocess.from_dict(meta["preprocess"]))
+
+
+def write_results(results: dict, folder: str) -> None:
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"results: {folder}/results.json")
+
+
 def repeated(sheets: np.ndarray, n: int) -> np.ndarray:
     """``n`` of ``sheets``, repeating them where there are fewer."""
     return np.resize(sheets, (n, *sheets.shape[1:])) if n > len(sheets) else sheets[:n]
@@ -107,7 +125,7 @@ def main():
     p.add_argument("--seconds", type=float, default=8.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from steelray import checkpoint, config, data, evaluate, export, model_io, onnx_model, quantize
+    from steelray import checkpoint, config, export, model_io, onnx_model, quantize
 
     tmp = tempfile.mkdtemp(prefix="export-speed-")
     results = {"threads": args.threads, "batch": args.batch, "torch": torch.__version__}
@@ -118,11 +136,7 @@ def main():
     ex = export.run(job)
     results["neu_export"] = {**ex.summary(), "seconds": time.perf_counter() - start}
     print(json.dumps(results["neu_export"], indent=1), flush=True)
-    meta = checkpoint.read_meta(args.neu_checkpoint)
-    pre = model_io.Preprocess.from_dict(meta["preprocess"])
-    labelled = evaluate.labelled_set_config(meta, export.gate_job(job, args.neu_checkpoint))
-    val = data.split(data.build_manifest(labelled), labelled.data)[1]
-    batch = export.sheets(val.records.uri.tolist()[:args.batch], pre)  # real validation images
+    batch = validation_batch(args.neu_checkpoint, args.neu, args.batch)
     int8 = ex.int8.get("uri") or os.path.join(tmp, "neu", export.INT8)
     results["neu_speed"] = speed(engines(args.neu_checkpoint, ex.fp32["uri"], int8, args.threads, args.batch),
                                  batch, args.rounds, args.seconds)
@@ -145,9 +159,7 @@ def main():
     results["r18_speed"] = speed(engines(r18, f"{r18}/model.onnx", f"{r18}/model.int8.onnx", args.threads, args.batch),
                                  repeated(calib, args.batch), args.rounds, args.seconds)
     print("resnet18 256x1600", json.dumps(results["r18_speed"]), flush=True)
-    with open(os.path.join(tmp, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"results: {tmp}/results.json")
+    write_results(results, tmp)
 
 
 if __name__ == "__main__":

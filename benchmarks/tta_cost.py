@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 
 import torch
@@ -41,16 +40,12 @@ def main():
     p.add_argument("--seconds", type=float, default=6.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from export_speed import repeated, sheet_model, speed
+    from export_speed import repeated, sheet_model, speed, validation_batch, write_results
 
-    from steelray import checkpoint, config, data, evaluate, export, model_io
+    from steelray import config, evaluate
 
     results = {}
-    meta = checkpoint.read_meta(args.neu_checkpoint)
-    job = config.load(None, [f"export.checkpoint={args.neu_checkpoint}", f"data.root={args.neu}"], config.ExportJob)
-    labelled = evaluate.labelled_set_config(meta, export.gate_job(job, args.neu_checkpoint))
-    val = data.split(data.build_manifest(labelled), labelled.data)[1]
-    batch = export.sheets(val.records.uri.tolist()[:args.batch], model_io.Preprocess.from_dict(meta["preprocess"]))
+    batch = validation_batch(args.neu_checkpoint, args.neu, args.batch)
     modes = ["none", "flips", "dihedral"]
     results["neu_speed"] = speed(actors(args.neu_checkpoint, modes, args.threads, args.batch), batch, args.rounds,
                                  args.seconds)
@@ -68,9 +63,7 @@ def main():
     results["r18_speed"] = speed(actors(r18, ["none", "flips"], args.threads, args.batch),
                                  repeated(sheets, args.batch), args.rounds, args.seconds)
     print("resnet18 256x1600", json.dumps(results["r18_speed"]), flush=True)
-    with open(os.path.join(tmp, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"results: {tmp}/results.json")
+    write_results(results, tmp)
 
 
 if __name__ == "__main__":

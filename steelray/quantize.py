@@ -15,29 +15,12 @@ import numpy as np
 
 from steelray import onnx_model
 
-METHODS = ("minmax", "entropy", "percentile")
-
-
 def calibration_sample(uris: list[str], n: int, seed: int = 0) -> list[str]:
     """``n`` of ``uris`` (all when fewer), drawn at random with ``seed``, in their listed order."""
     if n >= len(uris):
         return list(uris)
     keep = set(random.Random(seed).sample(range(len(uris)), n))
     return [u for i, u in enumerate(uris) if i in keep]
-
-
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader over batches of uint8 NHWC sheets."""
-
-    def __init__(self, batches: Iterable[np.ndarray]):
-        self.batches = iter(batches)
-
-    def get_next(self) -> dict | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {onnx_model.INPUT: batch}
-
-    def rewind(self) -> None:  # one pass is all static calibration makes
-        pass
 
 
 def quantize(model: bytes, batches: Iterable[np.ndarray], method: str = "minmax") -> bytes:
@@ -50,7 +33,16 @@ def quantize(model: bytes, batches: Iterable[np.ndarray], method: str = "minmax"
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(batches)
+
+    class Reader(CalibrationDataReader):  # one pass over the batches is all static calibration makes
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {onnx_model.INPUT: batch}
+
+    reader = Reader()
     with tempfile.TemporaryDirectory() as tmp:
         src, prepared, out = (os.path.join(tmp, n) for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         with open(src, "wb") as f:

@@ -212,7 +212,7 @@ def test_line_scorer_runs_without_torch_and_gives_the_scoring_jobs_row(neu_real,
     assert rows[-1]["error"].startswith(f"{broken}: unreadable or truncated image")
 
 
-@pytest.mark.slow  # half a minute: a U-Net exported and quantised
+@pytest.mark.slow  # a U-Net exported, quantised and evaluated twice
 def test_a_segmenter_exports_within_parity_and_scores_its_masks_as_pytorch(severstal_real, tmp_path):
     """An untrained U-Net on the real Severstal sample: parity, the INT8 gate on Dice, and the masks."""
     cfg = config.load(None, ["task=segmentation", "model.name=resnet18", "model.arch=unet", "data.format=severstal",

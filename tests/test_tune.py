@@ -203,7 +203,7 @@ def test_trial_table_counts_the_epochs_the_train_run_wrote(tmp_path):
 
 # --- cross-validation (jobs/crossval.py) ------------------------------------------------------------
 
-@pytest.mark.slow  # a minute of Ray Tune and Train; the fold sweep is the ordinary sweep above
+@pytest.mark.slow  # a Ray Train run per fold; the fold sweep is the ordinary sweep tested above
 def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_spread(ray_local, tmp_path, neu_small):
     import json
 
