@@ -64,7 +64,7 @@ class InputConfig:
     size: list[int] = setting([224, 224])   # [height, width] the model sees (resize)
     crop: list[int] = setting([])           # [height, width] random crops at full resolution for training
     augment: Literal["none", "light", "medium", "strong", "robust"] = "light"  # robust: medium plus
-                                   # +-30% brightness/contrast, blur and noise (lighting in the field)
+                                   # +-30% brightness/contrast, blur, noise, under-exposure (the field)
     normalize: Literal["dataset", "image"] = "dataset"  # dataset: fixed mean/std (the model's own);
                                    # image: each image to zero mean, unit std (robust to lighting)
 

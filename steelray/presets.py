@@ -29,17 +29,25 @@ def build(pre: Preprocess, augment: str = "none") -> A.Compose:
     return A.Compose(steps)
 
 
+def underexposure(p: float) -> A.OneOf:
+    """Under-exposed sheets: a darker exposure whose shadows clip to black (brightness -10..-40% of
+    full scale with contrast 0..-40%), or a steeper gamma (1.5-3) that sinks the dark half."""
+    return A.OneOf([A.RandomBrightnessContrast(brightness_limit=(-0.4, -0.1), contrast_limit=(-0.4, 0.0), p=1),
+                    A.RandomGamma(gamma_limit=(150, 300), p=0.5)], p=p)
+
+
 def _augmentations(preset: str, square: bool) -> list:
     if preset == "none":
         return []
     out = [A.HorizontalFlip()]
     if preset in ("medium", "strong", "robust"):
-        robust = preset == "robust"  # medium, plus the field's lighting range (+-30%), blur and sensor noise
+        robust = preset == "robust"  # medium, plus the field's lighting range (+-30%), blur, sensor noise
+        #                              and under-exposure with clipped shadows
         limit, p = (0.3, 0.6) if robust else (0.2, 0.5)
         out += [A.VerticalFlip(), A.RandomBrightnessContrast(limit, limit, p=p)]
         if robust:
             out += [A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 2.0), p=0.25),
-                    A.GaussNoise(std_range=(0.02, 0.1), p=0.25)]
+                    A.GaussNoise(std_range=(0.02, 0.1), p=0.25), underexposure(p=0.4)]
         if square:
             out.append(A.RandomRotate90())
     if preset == "strong":
