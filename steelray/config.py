@@ -84,6 +84,8 @@ class TrainConfig:
     imbalance: Literal["none", "pos_weight", "sampler"] = "pos_weight"
     loader_workers: int = setting(2, min=0)            # DataLoader processes per worker (decode + augment)
     metric: str = ""                              # empty: macro_f1 (classifiers) or dice (segmenters)
+    keep: Literal["best", "last"] = "best"        # the checkpoint kept: best epoch by metric, or the last
+                                                  # (cross-validation: a figure not chosen on its own split)
     seed: int = 0
 
 

@@ -24,11 +24,13 @@ FIGURES = ("accuracy", "macro_f1", "micro_f1", "roc_auc", "dice", "val_loss")
 
 
 def cv_config(cfg: Config) -> Config:
-    """The sweep that is the cross-validation: one trial per fold, no early stopping."""
+    """The sweep that is the cross-validation: one trial per fold, no early stopping, each fold keeping
+    its last epoch's checkpoint (the best one would be chosen on the split it is judged on)."""
     if cfg.data.folds < 2:
         raise config.ConfigError(f"data.folds: cross-validation needs >= 2 folds, got {cfg.data.folds}")
     raw = config.to_dict(cfg, redact=False)
     name = cfg.tune.name or f"cv{cfg.data.folds}-{cfg.task}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    raw["train"] = {**raw["train"], "keep": "last"}
     raw["tune"] = {**raw["tune"], "name": name, "search": "grid", "scheduler": "none", "num_samples": 0,
                    "space": {"data.fold": {"grid": list(range(cfg.data.folds))}}}
     return config.from_dict(raw)

@@ -88,8 +88,10 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                               checkpoint_score_order=mode(metric)),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="epoch"
+                                               if cfg.train.keep == "last" else metric,
+                                               checkpoint_score_order="max" if cfg.train.keep == "last"
+                                               else mode(metric)),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             # Ray Train's INFO lines (a checkpoint written, each epoch) repeat the epoch line printed
             # below; its warnings and errors (a worker lost, a restart) still show.

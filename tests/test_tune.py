@@ -215,10 +215,10 @@ def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_sprea
     folds = pd.read_csv(tmp_path / "cv" / "folds.csv")
     assert folds.fold.tolist() == [0, 1] and (folds.status == "completed").all()
     assert (folds.last_epoch == 2).all() and folds.best_epoch.between(1, 2).all()
-    for row in folds.itertuples():  # each fold's run trained on its own split, and kept its best epoch
+    for row in folds.itertuples():  # each fold's run trained on its own split, and kept its last epoch
         run_cfg = config.load(str(tmp_path / "cv" / "train" / row.trial_id / "config.yaml"))
         assert (run_cfg.data.fold, run_cfg.data.folds) == (row.fold, 2)
-        assert row.checkpoint.endswith(f"epoch-{row.best_epoch:04d}")
+        assert row.checkpoint.endswith(f"epoch-{row.last_epoch:04d}") and run_cfg.train.keep == "last"
     from steelray import ensemble  # the fold models, as jobs/ensemble.py --crossval takes them
 
     assert ensemble.fold_models(str(tmp_path / "cv")) == folds.checkpoint.tolist()
