@@ -6,12 +6,15 @@ best and last-epoch validation figures, and their mean and spread.
     ray job submit --working-dir . -- python jobs/crossval.py --config jobs/configs/<x>.yaml data.folds=5
 
 Writes folds.csv and crossval.json in the sweep folder (<ray.storage_path>/<tune.name>; rerun with the
-same tune.name to resume). Each fold's run keeps its best checkpoint there: the fold models, e.g. for
-an ensemble. The last line printed is the target metric's mean and spread over the folds.
+same tune.name to resume). Each fold's run keeps its last epoch's checkpoint there: the fold models,
+e.g. for an ensemble. `--evaluate none,dihedral` then evaluates each fold model on its own validation
+images, under the robustness conditions, once per TTA mode (evaluation.json; a finished sweep is only
+evaluated). The last line printed is the target metric's mean and spread over the folds.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -24,9 +27,19 @@ EXIT_CODES = {cli.DONE: "every fold trained; the figures are written",
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")  # as jobs/tune.py: what a killed run can lose
 
 
+def tta_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("none", "flips", "dihedral")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: TTA modes are none, flips, dihedral (comma-separated)")
+    return modes
+
+
 def main(argv=None) -> int:
-    args = cli.parser(__doc__, EXIT_CODES, config_required=True,
-                      config_help="YAML training config; data.folds >= 2").parse_args(argv)
+    parser = cli.parser(__doc__, EXIT_CODES, config_required=True, config_help="YAML training config; data.folds >= 2")
+    parser.add_argument("--evaluate", type=tta_modes, default=[], metavar="TTA[,TTA]",
+                        help="also evaluate each fold model on its validation images, per TTA mode: none, flips, dihedral")
+    args = parser.parse_args(argv)
     try:
         cfg = cli.load(args, config.Config)
         from steelray import crossval, train, tune
@@ -51,6 +64,13 @@ def main(argv=None) -> int:
     print(f"sweep folder: {result['sweep']}")
     for name, a in result["aggregate"].items():
         print(f"{name}: {a['mean']:.4f} ± {a['std']:.4f} (min {a['min']:.4f}, max {a['max']:.4f}, {a['folds']} folds)")
+    if args.evaluate and not (folds.status == "failed").any():
+        for mode, ev in crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3)["tta"].items():
+            print(f"fold models on their own validation images, tta {mode}: " + ", ".join(
+                f"{k} {a['mean']:.4f} ± {a['std']:.4f} (max {a['max']:.4f})" for k, a in ev["aggregate"].items()))
+            if "wrong" in ev["out_of_fold"]:
+                o = ev["out_of_fold"]
+                print(f"  out of fold: {o['wrong']} of {o['images']} images wrong, accuracy {o['accuracy']:.4f}")
     m = result["aggregate"].get(f"best_{result['metric']}")
     print(f"{result['metric']} over {result['folds']} folds: " +
           (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))

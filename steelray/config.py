@@ -9,6 +9,7 @@ The loader's mechanics (overrides, types, ranges) are in ``steelray.config_loade
 
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -135,7 +136,10 @@ class ScoreConfig:
                                    # over flipped views (dihedral: and 90-degree turns, square inputs); a version of its own
     segmenter: str = ""            # with a classifier checkpoint: cascade, only flagged sheets get segmented
     output: str = ""               # Parquet dataset root (local or s3://), partitioned by run_date
-    run_date: str = ""             # partition value; empty: today's UTC date (YYYY-MM-DD)
+    run_date: str = ""             # the night (YYYY-MM-DD): its partition, and {run_date} in input (e.g.
+                                   # s3://plant/incoming/{run_date}/, {run_date:%Y/%m/%d}); empty: today
+    run_date_offset: int = 0       # days added to today where run_date is empty: -1 for last night's folder
+    run_timezone: str = "UTC"      # the IANA time zone "today" is taken in (the plant's, e.g. Europe/Berlin)
     suffixes: list[str] = setting([])   # only files ending so (e.g. [.jpg]); empty: every file is an input
     expect_size: list[int] = setting([])  # [height, width] every sheet must have; empty: 256x1600 for
                                    # checkpoints trained on Severstal, any size otherwise
@@ -342,6 +346,11 @@ def _check_consistency(cfg: Any) -> None:
             raise ConfigError(f"score.min_area: must be >= 0 per class, got {sc.min_area}")
         if sc.run_date and not is_date(sc.run_date):
             raise ConfigError(f"score.run_date: expected YYYY-MM-DD, got {sc.run_date!r}")
+        try:
+            zoneinfo.ZoneInfo(sc.run_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"score.run_timezone: {sc.run_timezone!r} is not an IANA time zone "
+                              "(e.g. UTC, Europe/Berlin)") from None
         return
     if isinstance(cfg, NightReportJob):
         if cfg.report.night and not is_date(cfg.report.night):

@@ -5,7 +5,9 @@ mean and spread across folds: how a recipe is judged, rather than on the one spl
 The folds are the trials of one Ray Tune grid over ``data.fold`` (``tune.run``): independent Ray
 Train runs, as many at once as the cluster holds, and a killed run resumes where it stopped. The
 sweep folder (``<ray.storage_path>/<tune.name>``) gets ``folds.csv`` (a row per fold) and
-``crossval.json`` (the rows and the aggregate).
+``crossval.json`` (the rows and the aggregate). ``evaluate_folds`` then evaluates each fold model on
+its own validation images, under the robustness conditions and with test-time augmentation
+(``evaluation.json``): figures no fold model chose anything on, since each keeps its last epoch.
 """
 
 from __future__ import annotations
@@ -66,11 +68,44 @@ def fold_row(sweep_uri: str, trial: dict, cfg: Config, metric: str) -> dict:
     return row
 
 
-def aggregate(folds: pd.DataFrame) -> dict:
-    """Per figure: the mean, the sample standard deviation, the lowest and highest over the folds
-    that report it, and how many did."""
+def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = None) -> dict:
+    """Each fold model (``ensemble.fold_models``) evaluated on its fold's validation images, robustness
+    passes included, once per TTA mode in ``tta``: per fold the accuracy and macro-F1 (at the model's
+    own decision), the wrong images and each condition's drop; their aggregate; and the out-of-fold
+    figures, each image judged by the one model that never trained on it. Written to
+    ``<sweep>/evaluation.json``."""
+    from steelray import ensemble, evaluate
+
+    s3 = s3 or config.S3Config()
+    models = ensemble.fold_models(sweep_uri, s3)
+    result = {"sweep": sweep_uri, "folds": len(models), "tta": {}}
+    for mode in tta:
+        rows = []
+        for fold, checkpoint in enumerate(models):
+            job = config.EvaluateJob(evaluate=config.EvaluateConfig(checkpoint=checkpoint, split="val", tta=mode), s3=s3)
+            ev = evaluate.run(job)
+            images = len(ev.manifest)
+            row = {"fold": fold, "checkpoint": checkpoint, "epoch": ev.meta.get("epoch"), "images": images}
+            row.update({k: float(ev.before[k]) for k in ("accuracy", "macro_f1") if k in ev.before})
+            if "accuracy" in row:
+                row["wrong"] = int(round((1 - row["accuracy"]) * images))
+            row.update({f"drop_{name}": float(r["drop"]) for name, r in ev.robustness["conditions"].items()})
+            rows.append(row)
+        folds = pd.DataFrame(rows)
+        pooled = {"images": int(folds.images.sum())}
+        if "wrong" in folds:
+            pooled.update(wrong=int(folds.wrong.sum()), accuracy=1 - folds.wrong.sum() / folds.images.sum())
+        result["tta"][mode] = {"per_fold": rows, "out_of_fold": pooled,
+                               "aggregate": aggregate(folds, ("accuracy", "macro_f1", "wrong", "drop_"))}
+    storage.write_text(storage.join(sweep_uri, "evaluation.json"), json.dumps(result, indent=1, default=_plain), s3)
+    return result
+
+
+def aggregate(folds: pd.DataFrame, prefixes: tuple[str, ...] = ("best_", "last_")) -> dict:
+    """Per figure (the columns starting with one of ``prefixes``): the mean, the sample standard
+    deviation, the lowest and highest over the folds that report it, and how many did."""
     out = {}
-    for column in (c for c in folds.columns if c.startswith(("best_", "last_")) and not c.endswith("_epoch")):
+    for column in (c for c in folds.columns if c.startswith(prefixes) and not c.endswith("_epoch")):
         values = folds[column].dropna().astype(float)
         if len(values):
             out[column] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,

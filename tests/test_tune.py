@@ -229,6 +229,18 @@ def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_sprea
         assert a["mean"] == pytest.approx(folds[column].mean()) and a["folds"] == 2
         assert a["std"] == pytest.approx(folds[column].std(ddof=1))
         assert a["min"] == pytest.approx(folds[column].min()) and a["max"] == pytest.approx(folds[column].max())
+    # each fold model on its own validation images, with and without TTA, robustness passes included
+    evaluated = crossval.evaluate_folds(str(tmp_path / "cv"), ["none", "flips"])
+    assert json.loads((tmp_path / "cv" / "evaluation.json").read_text())["tta"].keys() == {"none", "flips"}
+    for mode, ev in evaluated["tta"].items():
+        rows = pd.DataFrame(ev["per_fold"])
+        assert rows.fold.tolist() == [0, 1] and rows.checkpoint.tolist() == folds.checkpoint.tolist()
+        assert rows.images.sum() == ev["out_of_fold"]["images"] == 6 * 6  # every image once, by the fold that held it out
+        assert ev["out_of_fold"]["wrong"] == rows.wrong.sum()
+        assert ev["aggregate"]["accuracy"]["mean"] == pytest.approx(rows.accuracy.mean())
+        assert {"drop_glare", "drop_crushed", "drop_noise"} <= ev["aggregate"].keys()
+        if mode == "none":  # without TTA: the figures training reported at the kept (last) epoch
+            assert rows.accuracy.tolist() == pytest.approx(folds.last_accuracy.tolist())
 
 
 def test_crossval_needs_folds():

@@ -1,11 +1,16 @@
-"""A night's inputs: every file under a folder or S3 prefix, the lines of a manifest, or one image."""
+"""A night's inputs: every file under a folder or S3 prefix, the lines of a manifest, or one image;
+and which night it is (``score.run_date``, or today where the plant is, shifted) with ``{run_date}``
+in ``score.input`` expanded to it."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import logging
 import os
+import string
+import zoneinfo
 
 from steelray import storage
 from steelray.config import ScoreConfig
@@ -13,6 +18,28 @@ from steelray.scoring.plan import ScoreError
 from steelray.storage import S3Config
 
 log = logging.getLogger(__name__)
+
+
+def night(sc: ScoreConfig, now: dt.datetime | None = None) -> dt.date:
+    """``score.run_date``, or today in ``score.run_timezone`` plus ``score.run_date_offset`` days."""
+    if sc.run_date:
+        return dt.date.fromisoformat(sc.run_date)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.astimezone(zoneinfo.ZoneInfo(sc.run_timezone)).date() + dt.timedelta(days=sc.run_date_offset)
+
+
+def expand_input(src: str, date: dt.date) -> str:
+    """``src`` with ``{run_date}`` (ISO, or ``{run_date:%Y/%m/%d}``, any strftime format) as ``date``:
+    the fixed entrypoint of a scheduled job names tonight's folder so. ``{{``/``}}``: literal braces."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(src) if name is not None}
+    except ValueError as e:
+        raise ScoreError(f"score.input {src}: {e} (a literal brace is written {{{{ or }}}})") from None
+    unknown = sorted(names - {"run_date"})
+    if unknown:
+        raise ScoreError(f"score.input {src}: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; "
+                         "the only one is {run_date}")
+    return src.format(run_date=date)
 
 
 def list_inputs(sc: ScoreConfig, s3: S3Config | None) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +32,7 @@ from steelray.scoring import output
 from steelray.scoring.actor import ActorSettings, Scorer
 from steelray.scoring.compiled import use_compile
 from steelray.scoring.decode import read_and_decode, task_memory
-from steelray.scoring.inputs import list_inputs
+from steelray.scoring.inputs import expand_input, list_inputs, night
 from steelray.scoring.lock import RunLock
 from steelray.scoring.plan import Plan, ScoreError, file_tag, make_plan
 from steelray.storage import S3Config
@@ -94,8 +94,10 @@ def run(job: ScoreJob) -> Summary:
     sc, s3 = job.score, job.s3
     if not sc.output:
         raise ScoreError("score.output: required (a folder or s3:// prefix for the Parquet dataset)")
+    date = night(sc)
+    sc = replace(sc, run_date=date.isoformat(), input=expand_input(sc.input, date))
     plan = make_plan(sc, s3)
-    run_date = sc.run_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    run_date = sc.run_date
     partition = storage.join(sc.output, f"run_date={run_date}")
     start = time.monotonic()
     out_root = storage.absolute(sc.output).rstrip("/") + "/"

@@ -1,0 +1,167 @@
+"""Deployment: what a scheduler sees of the jobs (the night's date from a fixed entrypoint, the exit
+codes), the KubeRay manifests against KubeRay's own CRD schemas, the container image's install, and
+the pip settings the install hands to uv."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from steelray import config
+from steelray.scoring.inputs import expand_input, night
+from steelray.scoring.plan import ScoreError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def score_cfg(*overrides):
+    return config.load(None, list(overrides), config.ScoreJob).score
+
+
+# --- the night's date --------------------------------------------------------------------------------
+
+def test_the_night_is_today_where_the_plant_is_shifted_by_the_offset():
+    at = dt.datetime(2026, 12, 3, 23, 30, tzinfo=dt.timezone.utc)  # already the 4th in Berlin
+    assert night(score_cfg(), at) == dt.date(2026, 12, 3)
+    assert night(score_cfg("score.run_timezone=Europe/Berlin"), at) == dt.date(2026, 12, 4)
+    assert night(score_cfg("score.run_timezone=Europe/Berlin", "score.run_date_offset=-1"), at) == dt.date(2026, 12, 3)
+    assert night(score_cfg("score.run_date_offset=-1"), dt.datetime(2026, 3, 1, 1, tzinfo=dt.timezone.utc)) == \
+        dt.date(2026, 2, 28)
+    # a date given wins over the clock (a backfill)
+    assert night(score_cfg("score.run_date=2026-11-22", "score.run_date_offset=-1"), at) == dt.date(2026, 11, 22)
+    with pytest.raises(config.ConfigError, match="score.run_timezone: 'Mars/Olympus' is not an IANA time zone"):
+        score_cfg("score.run_timezone=Mars/Olympus")
+
+
+def test_run_date_placeholders_in_the_input_expand_and_others_are_refused():
+    d = dt.date(2026, 12, 2)
+    assert expand_input("s3://plant/incoming/{run_date}/", d) == "s3://plant/incoming/2026-12-02/"
+    assert expand_input("s3://plant/{run_date:%Y/%m/%d}/cam-1/", d) == "s3://plant/2026/12/02/cam-1/"
+    assert expand_input("/data/night.txt", d) == "/data/night.txt"
+    assert expand_input("/data/{{raw}}/{run_date}", d) == "/data/{raw}/2026-12-02"
+    with pytest.raises(ScoreError, match=r"unknown placeholder\(s\) \{date\}; the only one is \{run_date\}"):
+        expand_input("s3://plant/incoming/{date}/", d)
+    with pytest.raises(ScoreError, match="a literal brace is written"):
+        expand_input("s3://plant/incoming/{run_date/", d)
+
+
+# --- exit codes: the nightly job provoked into each -------------------------------------------------
+
+def test_the_nightly_job_exits_with_each_code_of_the_table(ray_local, tmp_path, sheets, load_job, capsys):
+    """Through jobs/score.py's main: 0 (last night's folder named by the fixed entrypoint), 3 (another
+    run holds the output), 2 (bad arguments), 1 (the output read back holds an input twice)."""
+    import os
+    import shutil
+    import zoneinfo
+
+    import pandas as pd
+    import torch
+
+    from steelray import checkpoint, data, models, storage
+    from steelray.scoring.lock import RunLock
+    from steelray.scoring.plan import describe, file_tag
+
+    cfg = config.load(None, ["task=multilabel", "model.name=simple_cnn", "input.size=[32,160]", "data.format=severstal"])
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.write(ckpt, models.build_model(cfg, 4), checkpoint.make_meta(cfg, data.SEVERSTAL_CLASSES,
+                                                                             models.preprocess_for(cfg)))
+    yesterday = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Tokyo")).date() - dt.timedelta(days=1)
+    incoming = tmp_path / "incoming" / yesterday.isoformat()
+    names = sorted(os.listdir(sheets.images))[:3]
+    for name in names:
+        storage.write_bytes(str(incoming / name), storage.read_bytes(os.path.join(sheets.images, name)))
+    out = str(tmp_path / "out")
+    score = load_job("score").main
+    argv = ["--input", str(tmp_path / "incoming" / "{run_date}"), "--checkpoint", ckpt, "--output", out,
+            "score.run_timezone=Asia/Tokyo", "score.run_date_offset=-1", "score.decode_batch=2"]
+
+    assert score(argv) == 0, capsys.readouterr().err
+    part = tmp_path / "out" / f"run_date={yesterday.isoformat()}"
+    assert sorted(pd.read_parquet(part).image_id) == names   # last night's folder, last night's partition
+
+    with RunLock(out, file_tag(describe(ckpt).digest), what="the other night's job"):
+        assert score(argv) == 3
+    assert "another scoring job with this model is writing this output" in capsys.readouterr().err
+
+    assert score([*argv[:-3], "--input", str(tmp_path / "incoming" / "{date}")]) == 2
+    assert "unknown placeholder(s) {date}" in capsys.readouterr().err
+    assert score([*argv[:2], "--checkpoint", str(tmp_path / "nope"), *argv[4:]]) == 2
+    assert "not a steelray checkpoint" in capsys.readouterr().err
+
+    # a copy of a night's file (a botched sync) puts its rows in twice: the check after the write sees it
+    first = next(f for f in os.listdir(part) if f.endswith(".parquet"))
+    shutil.copy(part / first, part / f"copy-{first}")
+    storage.write_bytes(str(incoming / "late.jpg"), storage.read_bytes(os.path.join(sheets.images, names[0])))
+    assert score(argv) == 1
+    err = capsys.readouterr().err
+    assert "failed verification: 0 input(s) missing" in err and "3 duplicated" in err, err
+
+
+# --- the install: pip's settings handed to uv ---------------------------------------------------------
+
+def pip_python() -> str:
+    """A Python with pip (as the one .ci/in-venv builds from); the test's venv has none."""
+    import os
+    import shutil
+    import subprocess
+
+    venv = os.environ.get("VIRTUAL_ENV", "\0")
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not d.startswith(venv))
+    for py in filter(None, [os.environ.get("PYTHON"), shutil.which("python3", path=path)]):
+        if subprocess.run([py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return py
+    pytest.skip("no python3 with pip outside the test's venv: the mapping reads `pip config list`")
+
+
+def uv_env(tmp_path, pip_conf: str, **env) -> dict[str, str]:
+    """What .ci/install hands to uv for this pip.conf and environment (no PIP_*/UV_* variable of this
+    machine's; its /etc/pip.conf is still read, as pip does, and each case sets what that file sets)."""
+    import os
+    import subprocess
+
+    (tmp_path / "pip.conf").write_text(pip_conf)
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_CONFIG_DIRS": str(tmp_path / "none"),
+            "PIP_CONFIG_FILE": str(tmp_path / "pip.conf"), "PYTHON": pip_python()}
+    run = subprocess.run([str(REPO / ".ci" / "install"), "--uv-env"], env={**base, **env}, capture_output=True,
+                         text=True, check=True)
+    return dict(line.split("=", 1) for line in run.stdout.splitlines())
+
+
+def test_every_pip_setting_with_a_uv_equivalent_reaches_uv(tmp_path):
+    conf = """[global]
+index-url = https://pypi.plant.example/simple
+extra-index-url = https://a.example/simple https://b.example/simple
+find-links = /opt/w1 /opt/w2
+cert = /etc/plant/ca.pem
+client-cert = /etc/plant/me.pem
+proxy = http://proxy.plant:3128
+timeout = 60
+retries = 7
+trusted-host = pypi.plant.example a.example
+no-index = false
+keyring-provider = subprocess
+[install]
+constraint = /etc/plant/constraints.txt
+pre = true
+timeout = 90
+[download]
+timeout = 5
+"""
+    assert uv_env(tmp_path, conf) == {
+        "UV_DEFAULT_INDEX": "https://pypi.plant.example/simple",
+        "UV_EXTRA_INDEX_URL": "https://a.example/simple https://b.example/simple",
+        "UV_INDEX_STRATEGY": "unsafe-best-match", "UV_FIND_LINKS": "/opt/w1,/opt/w2",
+        "UV_CONSTRAINT": "/etc/plant/constraints.txt", "UV_INSECURE_HOST": "pypi.plant.example a.example",
+        "SSL_CERT_FILE": "/etc/plant/ca.pem", "SSL_CLIENT_CERT": "/etc/plant/me.pem",
+        "HTTPS_PROXY": "http://proxy.plant:3128", "HTTP_PROXY": "http://proxy.plant:3128",
+        "UV_HTTP_TIMEOUT": "90",  # [install] over [global], as pip install reads them; [download] not
+        "UV_HTTP_RETRIES": "7", "UV_PRERELEASE": "allow", "UV_KEYRING_PROVIDER": "subprocess"}
+    # PIP_* variables over the files (pip's order); a uv-side setting already made over both
+    assert uv_env(tmp_path, "[global]\ncert = /g.pem\nno-index = true\n", PIP_CERT="/env.pem") == \
+        {"SSL_CERT_FILE": "/env.pem", "UV_NO_INDEX": "1"}
+    assert uv_env(tmp_path, "[global]\ncert = /g.pem\n", PIP_CERT="/env.pem", SSL_CERT_FILE="/mine.pem") == \
+        {"SSL_CERT_FILE": "/mine.pem"}
+    assert uv_env(tmp_path, "", PIP_CONFIG_FILE="/dev/null") == {}  # pip told to read no file: nothing
