@@ -165,3 +165,181 @@ timeout = 5
     assert uv_env(tmp_path, "[global]\ncert = /g.pem\n", PIP_CERT="/env.pem", SSL_CERT_FILE="/mine.pem") == \
         {"SSL_CERT_FILE": "/mine.pem"}
     assert uv_env(tmp_path, "", PIP_CONFIG_FILE="/dev/null") == {}  # pip told to read no file: nothing
+
+
+# --- KubeRay manifests against KubeRay v1.7's own CRD schemas ------------------------------------------
+
+KUBERAY = REPO / "deploy" / "kuberay"
+CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
+
+
+def strict(schema):
+    """A Kubernetes structural schema as JSON Schema, as strict as `kubectl apply --validate=strict`:
+    a field the schema does not name is an error (unless the schema preserves unknown fields),
+    int-or-string means either, nullable admits null. CEL rules (x-kubernetes-validations) are not
+    evaluated."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and "additionalProperties" not in out and \
+            not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def validators():
+    import jsonschema
+    import yaml
+
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay's CRD schemas not present at {CRDS} (only the team's machines have ../shared/schemas)")
+    out = {}
+    for path in CRDS.glob("ray.io_*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            schema = strict(version["schema"]["openAPIV3Schema"])
+            out[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = \
+                jsonschema.Draft7Validator(schema)
+    return out
+
+
+def problems(validators, doc: dict) -> list[str]:
+    validator = validators.get((doc.get("apiVersion"), doc.get("kind")))
+    if validator is None:
+        return [f"no KubeRay v1.7 schema for {doc.get('apiVersion')} {doc.get('kind')}"]
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def manifests() -> dict[str, dict]:
+    import yaml
+
+    return {p.name: doc for p in sorted(KUBERAY.glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())
+            if doc and doc["apiVersion"].startswith("ray.io/")}
+
+
+def test_every_kuberay_manifest_is_valid_against_kuberays_own_schemas(validators):
+    found = manifests()
+    assert {(d["kind"]) for d in found.values()} == {"RayCluster", "RayJob", "RayCronJob"}
+    for name, doc in found.items():
+        assert problems(validators, doc) == [], name
+
+
+def test_a_misspelt_field_or_a_wrong_type_fails_the_validation(validators):
+    import copy
+
+    job = manifests()["raycronjob-score.yaml"]
+    bad = copy.deepcopy(job)
+    bad["spec"]["jobTemplate"]["shutdownAfterJobFinish"] = bad["spec"]["jobTemplate"].pop("shutdownAfterJobFinishes")
+    assert any("'shutdownAfterJobFinish' was unexpected" in p for p in problems(validators, bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["jobTemplate"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "8"
+    assert any("workerGroupSpecs.0.maxReplicas: '8' is not of type 'integer'" in p for p in problems(validators, bad))
+    bad = copy.deepcopy(job)  # deep inside the pod template (the Kubernetes core types are in the CRD)
+    container = bad["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["imagePulPolicy"] = container.pop("imagePullPolicy")
+    assert any("'imagePulPolicy' was unexpected" in p for p in problems(validators, bad))
+    bad = copy.deepcopy(manifests()["raycluster.yaml"])
+    del bad["spec"]["headGroupSpec"]
+    assert any("'headGroupSpec' is a required property" in p for p in problems(validators, bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["timeZone"] = ""
+    assert any("spec.timeZone" in p for p in problems(validators, bad))
+
+
+def cluster_specs() -> dict[str, dict]:
+    found = manifests()
+    return {"raycluster.yaml": found["raycluster.yaml"]["spec"],
+            "rayjob-train.yaml": found["rayjob-train.yaml"]["spec"]["rayClusterSpec"],
+            "raycronjob-score.yaml": found["raycronjob-score.yaml"]["spec"]["jobTemplate"]["rayClusterSpec"]}
+
+
+def test_the_manifests_share_one_cluster_and_keep_secrets_out():
+    import re
+
+    specs = cluster_specs()
+    assert specs["rayjob-train.yaml"] == specs["raycluster.yaml"] == specs["raycronjob-score.yaml"]
+    spec = specs["raycluster.yaml"]
+    assert spec["authOptions"] == {"mode": "token"} and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["resources"] == {"trial_driver": "4"}   # where Tune's trial drivers run
+    gpu = spec["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    pods = [spec["headGroupSpec"]["template"]["spec"], gpu["template"]["spec"]]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["template"]["spec"]["nodeSelector"]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            assert {"secretRef": {"name": "steelray-s3"}} in c["envFrom"]   # S3 by reference
+            for env in c.get("env", []):
+                assert not (re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]) and "value" in env), env
+    text = "".join(p.read_text() for p in KUBERAY.glob("*.yaml"))
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]\s*[A-Za-z0-9/+]{20}", text, re.I)  # no key
+
+
+def test_the_image_the_manifests_run_is_the_dockerfiles_ray_and_the_configs_load(tmp_path):
+    import re
+
+    import ray
+
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\S+?)-py(\d)(\d+)-gpu$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)
+    assert base, "deploy/Dockerfile: FROM Ray's own GPU image"
+    assert base.group(1) == ray.__version__  # the Ray the suite runs on is the image's
+    for spec in cluster_specs().values():
+        assert spec["rayVersion"] == ray.__version__
+    # the ConfigMap's configs are valid configs of the jobs the manifests run
+    import yaml
+
+    configmap = yaml.safe_load((KUBERAY / "config.yaml").read_text())
+    for key, cls in (("train.yaml", config.Config), ("score.yaml", config.ScoreJob)):
+        (tmp_path / key).write_text(configmap["data"][key])
+        config.load(str(tmp_path / key), [], cls)
+    score = config.load(str(tmp_path / "score.yaml"), [], config.ScoreJob).score
+    cron = manifests()["raycronjob-score.yaml"]["spec"]
+    assert score.run_timezone == cron["timeZone"] and "{run_date}" in score.input and score.run_date_offset == -1
+    # daily, with a deadline shorter than the day: two nights cannot overlap
+    assert re.fullmatch(r"\d+ \d+ \* \* \*", cron["schedule"])
+    assert cron["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
+    assert cron["jobTemplate"]["backoffLimit"] == 0
+
+
+@pytest.mark.parametrize("codes, attempts, final", [
+    ([0], 1, 0), ([2], 1, 2), ([1, 0], 2, 0), ([3, 3, 0], 3, 0), ([1, 1, 1], 3, 1), ([3, 2], 2, 2)])
+def test_the_nightly_entrypoint_retries_by_exit_code(tmp_path, codes, attempts, final):
+    """The RayCronJob's entrypoint, run by sh with a stand-in for python that exits with ``codes`` in turn."""
+    import os
+    import subprocess
+
+    entrypoint = manifests()["raycronjob-score.yaml"]["spec"]["jobTemplate"]["entrypoint"]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "codes").write_text("\n".join(map(str, codes)) + "\n")
+    stub = tmp_path / "bin" / "python"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\ncode=$(head -n1 {tmp_path}/codes)\n"
+                    f"sed -i 1d {tmp_path}/codes\nexit $code\n")
+    stub.chmod(0o755)
+    run = subprocess.run(["sh", "-c", entrypoint.replace("cd /home/ray/steelray", f"cd {tmp_path}")],
+                         env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "STEELRAY_BUSY_WAIT_S": "0"},
+                         capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert run.returncode == final and len(calls) == attempts, run.stdout + run.stderr
+    assert set(calls) == {"jobs/score.py --config /config/score.yaml"}
+
+
+def test_the_runtime_env_is_rays_and_lists_the_projects_dependencies():
+    import tomllib
+
+    import yaml
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((REPO / "deploy" / "runtime-env.yaml").read_text()))  # Ray's own checks
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [d for d in project["dependencies"] if not d.startswith("ray")] + project["optional-dependencies"]["export"]
+    assert env["uv"]["packages"] == wanted
+    assert "tests/" in env["excludes"]
