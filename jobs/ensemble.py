@@ -19,9 +19,12 @@ import sys
 from steelray import cli, config
 
 
+EXIT_CODES = {cli.DONE: "written", cli.BAD_ARGUMENTS: "bad members (another task or classes, missing, not finished)"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"exit status:\n  {cli.DONE}  written\n  {cli.BAD_ARGUMENTS}  bad members")
+                                epilog="exit status:\n" + "\n".join(f"  {c}  {w}" for c, w in EXIT_CODES.items()))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--members", nargs="+", help="checkpoint folders (or exported .onnx files)")
     source.add_argument("--crossval", help="a jobs/crossval.py sweep folder: its fold models")

@@ -5,10 +5,12 @@
     python jobs/score.py --input manifest.txt --checkpoint runs/cls/epoch-0010 \\
         --segmenter runs/seg/epoch-0030 --output predictions/ score.batch_size=32
     python jobs/score.py --config jobs/configs/score_nightly.yaml score.input=s3://plant/incoming/2026-11-22/
+    python jobs/score.py --input 's3://plant/incoming/{run_date}/' score.run_date_offset=-1 ...  # last night
 
 --input is a folder/prefix (every file under it is an input), a manifest file (.txt: one path or URI
 per line; .csv: a uri/path/image column; relative paths resolved next to the manifest), or one
-image. Every input becomes exactly one row: a prediction, or an error saying what is wrong with that
+image; `{run_date}` in it is the night's date (score.run_date, or today in score.run_timezone plus
+score.run_date_offset days), for schedulers whose command is fixed. Every input becomes exactly one row: a prediction, or an error saying what is wrong with that
 file. Re-running skips what the output already holds for the same checkpoint, error rows included;
 with --retry-errors (after an S3 outage, say) those inputs are scored again. Settings: `score.*` and
 `s3.*` (steelray/config.py, ScoreConfig; docs/scoring.md).
@@ -21,7 +23,8 @@ import sys
 from steelray import cli, config
 
 EXIT_CODES = {cli.DONE: "done: every input has its row",
-              cli.FAILED: "the output failed verification (an input missing or twice): a rerun completes it",
+              cli.FAILED: "the output failed verification (inputs missing or twice, named): a rerun scores the "
+                          "missing ones; a second exit 1 needs a person (duplicated rows)",
               cli.BAD_ARGUMENTS: "bad arguments or checkpoint: do not retry before fixing them",
               cli.BUSY: "another job with the same model is writing this output (named): retry later"}
 

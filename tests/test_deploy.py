@@ -313,12 +313,18 @@ def test_the_image_the_manifests_run_is_the_dockerfiles_ray_and_the_configs_load
 @pytest.mark.parametrize("codes, attempts, final", [
     ([0], 1, 0), ([2], 1, 2), ([1, 0], 2, 0), ([3, 3, 0], 3, 0), ([1, 1, 1], 3, 1), ([3, 2], 2, 2)])
 def test_the_nightly_entrypoint_retries_by_exit_code(tmp_path, codes, attempts, final):
-    """The RayCronJob's entrypoint, run by sh with a stand-in for python that exits with ``codes`` in turn."""
+    """The RayCronJob's entrypoint (deploy/nightly.sh), run by sh with a stand-in for python that
+    exits with ``codes`` in turn."""
     import os
+    import shutil
     import subprocess
 
     entrypoint = manifests()["raycronjob-score.yaml"]["spec"]["jobTemplate"]["entrypoint"]
+    assert entrypoint == "cd /home/ray/steelray && sh deploy/nightly.sh --config /config/score.yaml"
+    assert "COPY --chown=ray:users deploy/nightly.sh deploy/nightly.sh" in (REPO / "deploy" / "Dockerfile").read_text()
     (tmp_path / "bin").mkdir()
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(REPO / "deploy" / "nightly.sh", tmp_path / "deploy" / "nightly.sh")
     (tmp_path / "codes").write_text("\n".join(map(str, codes)) + "\n")
     stub = tmp_path / "bin" / "python"
     stub.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\ncode=$(head -n1 {tmp_path}/codes)\n"
@@ -343,3 +349,27 @@ def test_the_runtime_env_is_rays_and_lists_the_projects_dependencies():
     wanted = [d for d in project["dependencies"] if not d.startswith("ray")] + project["optional-dependencies"]["export"]
     assert env["uv"]["packages"] == wanted
     assert "tests/" in env["excludes"]
+
+
+def test_the_exit_code_table_is_every_jobs_own():
+    """docs/deploy.md's table: for each code, exactly the jobs whose EXIT_CODES have it."""
+    import ast
+    import re
+
+    table = {}
+    for line in (REPO / "docs" / "deploy.md").read_text().splitlines():
+        row = re.match(r"\| (\d) \|.*\| ([^|]+) \|$", line)
+        if row:
+            table[int(row.group(1))] = set(re.findall(r"`(\w+)`", row.group(2)))
+    from steelray import cli
+
+    names = {"DONE": cli.DONE, "FAILED": cli.FAILED, "BAD_ARGUMENTS": cli.BAD_ARGUMENTS, "BUSY": cli.BUSY,
+             "ALERT": cli.ALERT}
+    jobs = {}
+    for path in sorted((REPO / "jobs").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "EXIT_CODES":
+                jobs[path.stem] = {names[k.attr] for k in node.value.keys}
+    assert set(jobs) == {p.stem for p in (REPO / "jobs").glob("*.py")}, "a job without EXIT_CODES"
+    assert table == {code: {j for j, codes in jobs.items() if code in codes} for code in table}
+    assert set(table) == set().union(*jobs.values())

@@ -113,6 +113,20 @@ def test_ray_job_submit_train_then_score_on_a_local_head(tmp_path, ray_tmp):
         scores = pd.read_parquet(tmp_path / "scores")
         assert sorted(scores.source_uri) == sorted(map(str, images))
         assert {"prob_crazing", "prob_scratches", "labels", "any_defect", "error"} <= set(scores.columns)
+
+        # What a scheduler sees of the nightly entrypoint (deploy/nightly.sh): Ray keeps its exit code
+        nightly = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                   "--runtime-env-json", runtime_env, "--submission-id", "nightly-bad", "--",
+                   "sh", "deploy/nightly.sh", "--input", str(tmp_path / "incoming" / "{date}"), "--checkpoint",
+                   str(tmp_path / "runs" / "job" / "epoch-0001"), "--output", str(tmp_path / "scores")]
+        job = subprocess.run(nightly, capture_output=True, text=True, timeout=600, env=env)
+        logs = job.stdout + job.stderr
+        assert job.returncode != 0 and "unknown placeholder(s) {date}" in logs and "nightly: exit" not in logs, \
+            logs[-4000:]  # exit 2: not tried again
+        info = subprocess.run([sys.executable, "-c", "from ray.job_submission import JobSubmissionClient as C; "
+                               f"print(C('http://127.0.0.1:{dash}').get_job_info('nightly-bad').driver_exit_code)"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert info.stdout.split()[-1:] == ["2"], info.stdout + info.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         head.wait(60)
