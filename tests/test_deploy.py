@@ -5,6 +5,7 @@ the pip settings the install hands to uv."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,92 @@ def test_the_exit_code_table_is_every_jobs_own():
     assert set(jobs) == {p.stem for p in (REPO / "jobs").glob("*.py")}, "a job without EXIT_CODES"
     assert table == {code: {j for j, codes in jobs.items() if code in codes} for code in table}
     assert set(table) == set().union(*jobs.values())
+
+
+def test_a_proxys_certificate_in_pip_conf_lets_uv_install_from_an_https_index(tmp_path):
+    """The plant's case: an index behind TLS signed by a private CA (a TLS-inspecting proxy's), named by
+    pip.conf's `cert`, and no SSL_CERT_FILE. Without the mapping uv refuses the certificate; with what
+    .ci/install hands it, it installs."""
+    import base64
+    import datetime as dt
+    import hashlib
+    import http.server
+    import ipaddress
+    import os
+    import ssl
+    import subprocess
+    import sys
+    import threading
+    import zipfile
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def cert(subject, key, issuer, issuer_key, ca):
+        now = dt.datetime.now(dt.timezone.utc)
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
+                                          data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                                          encipher_only=False, decipher_only=False), critical=True))
+        if not ca:
+            b = (b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                 critical=False)
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("plant proxy CA", ca_key, "plant proxy CA", ca_key, True)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_bytes(
+        cert("127.0.0.1", key, "plant proxy CA", ca_key, False).public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    # a one-module wheel on a PEP 503 simple index
+    www = tmp_path / "www"
+    (www / "simple" / "plantpkg").mkdir(parents=True)
+    files = {"plantpkg/__init__.py": b"VALUE = 42\n",
+             "plantpkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: plantpkg\nVersion: 1.0\n",
+             "plantpkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                             b"Tag: py3-none-any\n"}
+    record = "".join(f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},"
+                     f"{len(b)}\n" for n, b in files.items()) + "plantpkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(www / "simple" / "plantpkg" / "plantpkg-1.0-py3-none-any.whl", "w") as z:
+        for name, body in {**files, "plantpkg-1.0.dist-info/RECORD": record.encode()}.items():
+            z.writestr(name, body)
+    (www / "simple" / "plantpkg" / "index.html").write_text(
+        '<html><body><a href="plantpkg-1.0-py3-none-any.whl">plantpkg-1.0-py3-none-any.whl</a></body></html>')
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(www))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = f"https://127.0.0.1:{server.server_address[1]}/simple"
+        handed = uv_env(tmp_path, f"[global]\nindex-url = {index}\ncert = {tmp_path / 'ca.pem'}\n")
+        assert handed == {"UV_DEFAULT_INDEX": index, "SSL_CERT_FILE": str(tmp_path / "ca.pem")}
+        uv = subprocess.run([str(REPO / ".ci" / "install"), "--uv"], capture_output=True, text=True).stdout.strip()
+        if not uv:
+            pytest.skip("uv could not be had here")
+        base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "UV_NO_CONFIG": "1",
+                "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "UV_HTTP_TIMEOUT": "20"}
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(tmp_path / "v")], env=base, check=True)
+        install = [uv, "pip", "install", "--python", str(tmp_path / "v" / "bin" / "python"), "plantpkg"]
+        refused = subprocess.run(install, env={**base, "UV_DEFAULT_INDEX": index}, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and re.search(r"certificate|UnknownIssuer|tls", refused.stderr, re.I), \
+            refused.stderr
+        done = subprocess.run(install, env={**base, **handed}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert subprocess.run([str(tmp_path / "v" / "bin" / "python"), "-c", "import plantpkg; print(plantpkg.VALUE)"],
+                              capture_output=True, text=True).stdout.strip() == "42"
+    finally:
+        server.shutdown()
