@@ -29,9 +29,10 @@ def main(argv=None) -> int:
         return cli.BAD_ARGUMENTS
     result = train.fit(cfg)
     print(f"run folder: {result.run_uri}")
-    print("best metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in result.best_metrics.items()
-                                       if isinstance(v, float)))
-    print(f"best checkpoint: {result.best_checkpoint}")
+    kept = "best" if cfg.train.keep == "best" else "last epoch's"
+    print(f"{kept} metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in result.best_metrics.items()
+                                         if isinstance(v, float)))
+    print(f"{kept} checkpoint: {result.best_checkpoint}")
     return cli.DONE
 
 
