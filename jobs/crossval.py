@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                 o = ev["out_of_fold"]
                 print(f"  out of fold: {o['wrong']} of {o['images']} images wrong, accuracy {o['accuracy']:.4f}")
     m = result["aggregate"].get(f"best_{result['metric']}")
-    print(f"{result['metric']} over {result['folds']} folds: " +
+    print(f"{result['metric']} over {m['folds'] if m else 0} of {result['folds']} folds: " +
           (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))
     return cli.FAILED if (folds.status == "failed").any() else cli.DONE
 
