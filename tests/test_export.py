@@ -39,7 +39,7 @@ def neu_ckpt(tmp_path_factory, neu_real):
                                                 "input.size=[48,48]", "data.val_fraction=0.5"])
     manifest = data.build_manifest(cfg)
     torch.manual_seed(0)
-    model, pre = _train_tiny(cfg, data.split(manifest, cfg.data)[0], steps=300)
+    model, pre = _train_tiny(cfg, data.split(manifest, cfg.data)[0], steps=1000)
     folder = tmp_path_factory.mktemp("neu-export") / "ckpt"
     checkpoint.write(str(folder), model, checkpoint.make_meta(cfg, manifest.classes, pre, epoch=1))
     return folder
@@ -61,7 +61,9 @@ def test_export_writes_a_model_within_parity_and_an_int8_model_that_passed_its_g
     gate = figures["int8"]
     assert gate["metric"] == "macro_f1" and gate["images"] == 600 and gate["calibration"]["images"] == 128
     assert gate["drop"] == pytest.approx(gate["pytorch"] - gate["int8"]) and gate["drop"] <= 0.005
-    assert gate["pytorch"] > 0.5, "the tiny model should have learned something, or the gate proves little"
+    # a model that has learned: a weak one's INT8 flips many near-ties (300 steps gave macro-F1 0.53 on
+    # a 2-core AMD EPYC, whose INT8 model dropped 0.0097 and was refused; on an Intel Xeon it had passed)
+    assert gate["pytorch"] > 0.9, "the tiny model should have learned, or the gate proves little"
     assert f"INT8 gate: macro_f1 {gate['int8']:.4f} against PyTorch's {gate['pytorch']:.4f}" in run.stdout
     meta = json.loads((neu_ckpt / "meta.json").read_text())
     for name, precision in (("model.onnx", "fp32"), ("model.int8.onnx", "int8")):
