@@ -21,7 +21,8 @@ import sys
 from steelray import cli, config
 
 EXIT_CODES = {cli.DONE: "every fold trained; the figures are written",
-              cli.FAILED: "a fold failed (its error is printed; the others' figures are written)",
+              cli.FAILED: "a fold failed or did not finish (its error is printed; the finished folds' figures "
+                          "are written): rerun the same command to resume",
               cli.BAD_ARGUMENTS: "bad config (data.folds < 2, ...): do not retry before fixing it"}
 
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")  # as jobs/tune.py: what a killed run can lose
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
     print(f"sweep folder: {result['sweep']}")
     for name, a in result["aggregate"].items():
         print(f"{name}: {a['mean']:.4f} ± {a['std']:.4f} (min {a['min']:.4f}, max {a['max']:.4f}, {a['folds']} folds)")
-    if args.evaluate and not (folds.status == "failed").any():
+    if args.evaluate and result["completed"] < result["folds"]:
+        print(f"--evaluate waits for every fold: {result['completed']} of {result['folds']} completed")
+    elif args.evaluate:
         for mode, ev in crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3)["tta"].items():
             print(f"fold models on their own validation images, tta {mode}: " + ", ".join(
                 f"{k} {a['mean']:.4f} ± {a['std']:.4f} (max {a['max']:.4f})" for k, a in ev["aggregate"].items()))
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     m = result["aggregate"].get(f"best_{result['metric']}")
     print(f"{result['metric']} over {m['folds'] if m else 0} of {result['folds']} folds: " +
           (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))
-    return cli.FAILED if (folds.status == "failed").any() else cli.DONE
+    return cli.FAILED if result["completed"] < result["folds"] else cli.DONE
 
 
 if __name__ == "__main__":

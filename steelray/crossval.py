@@ -45,8 +45,10 @@ def run(cfg: Config) -> dict:
     metric = swept.metric
     rows = [fold_row(swept.sweep_uri, trial, cv, metric) for trial in swept.trials.to_dict("records")]
     folds = pd.DataFrame(rows).sort_values("fold").reset_index(drop=True)
+    done = folds[folds.status == "completed"]  # a fold stopped part-way (a killed run) is not averaged in
     result = {"sweep": swept.sweep_uri, "metric": metric, "folds": cfg.data.folds, "seed": cfg.data.seed,
-              "epochs": cfg.train.epochs, "aggregate": aggregate(folds), "per_fold": folds.to_dict("records")}
+              "epochs": cfg.train.epochs, "completed": len(done), "aggregate": aggregate(done),
+              "per_fold": folds.to_dict("records")}
     storage.write_text(storage.join(swept.sweep_uri, "folds.csv"), folds.to_csv(index=False), cfg.s3)
     storage.write_text(storage.join(swept.sweep_uri, "crossval.json"), json.dumps(result, indent=1, default=_plain),
                        cfg.s3)

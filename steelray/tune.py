@@ -263,9 +263,11 @@ def trial_table(grid, cfg: Config, metric: str, choices: dict, sweep_uri: str) -
                "seconds": round(float(result.metrics.get("time_total_s", math.nan)), 1),
                "checkpoint": "", "error": ""}
         if metric in history and history[metric].notna().any():
-            best = best_epoch(history, metric, kept_epochs(sweep_uri, trial_id, cfg))
+            kept = kept_epochs(sweep_uri, trial_id, cfg)
+            best = best_epoch(history, metric, kept)
             row[metric], row["best_epoch"] = float(best[metric]), int(best["epoch"])
-            row["checkpoint"] = best.get("kept", "")
+            # the checkpoint the run kept: the best epoch's, or (train.keep: last) the newest
+            row["checkpoint"] = best.get("kept", "") or (kept[max(kept)] if kept else "")
         if result.error is not None:
             row["status"], row["error"] = "failed", error_line(result.error)
         elif row["epochs"] < epochs_planned:
