@@ -61,8 +61,8 @@ def test_export_writes_a_model_within_parity_and_an_int8_model_that_passed_its_g
     gate = figures["int8"]
     assert gate["metric"] == "macro_f1" and gate["images"] == 600 and gate["calibration"]["images"] == 128
     assert gate["drop"] == pytest.approx(gate["pytorch"] - gate["int8"]) and gate["drop"] <= 0.005
-    # a model that has learned: a weak one's INT8 flips many near-ties (300 steps gave macro-F1 0.53 on
-    # a 2-core AMD EPYC, whose INT8 model dropped 0.0097 and was refused; on an Intel Xeon it had passed)
+    # a model that has learned: a near-coin model's INT8 flips many near-ties, and whether the gate
+    # passes it then depends on the CPU the test runs on
     assert gate["pytorch"] > 0.9, "the tiny model should have learned, or the gate proves little"
     assert f"INT8 gate: macro_f1 {gate['int8']:.4f} against PyTorch's {gate['pytorch']:.4f}" in run.stdout
     meta = json.loads((neu_ckpt / "meta.json").read_text())
