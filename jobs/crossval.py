@@ -9,7 +9,8 @@ Writes folds.csv and crossval.json in the sweep folder (<ray.storage_path>/<tune
 same tune.name to resume). Each fold's run keeps its last epoch's checkpoint there: the fold models,
 e.g. for an ensemble. `--evaluate none,dihedral` then evaluates each fold model on its own validation
 images, under the robustness conditions, once per TTA mode (evaluation.json; a finished sweep is only
-evaluated). The last line printed is the target metric's mean and spread over the folds.
+evaluated). The last line printed is the target metric of the kept (last-epoch) models: mean and spread
+over the folds (each fold's best epoch, chosen on the images it is measured on, is in the table only).
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def main(argv=None) -> int:
             if "wrong" in ev["out_of_fold"]:
                 o = ev["out_of_fold"]
                 print(f"  out of fold: {o['wrong']} of {o['images']} images wrong, accuracy {o['accuracy']:.4f}")
-    m = result["aggregate"].get(f"best_{result['metric']}")
-    print(f"{result['metric']} over {m['folds'] if m else 0} of {result['folds']} folds: " +
-          (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))
+    # the kept models' figure (each fold's last epoch): best_* was chosen on the images it is measured on
+    m = result["aggregate"].get(f"last_{result['metric']}")
+    print(f"{result['metric']} of the kept (last-epoch) models over {m['folds'] if m else 0} of {result['folds']} "
+          "folds: " + (f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "no fold finished"))
     return cli.FAILED if result["completed"] < result["folds"] else cli.DONE
 
 

@@ -19,12 +19,14 @@ import sys
 
 from steelray import cli, config
 
-EXIT_CODES = {cli.DONE: "report written", cli.BAD_ARGUMENTS: "bad arguments, checkpoint or labelled set"}
+EXIT_CODES = {cli.DONE: "report written", cli.BAD_ARGUMENTS: "bad arguments, checkpoint or labelled set",
+              cli.BUSY: "a models:/ checkpoint and the MLflow server cannot be reached: retry later"}
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__, EXIT_CODES, config_help="YAML with evaluate:, data: and s3: sections (optional)")
-    p.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix (evaluate.checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix, or models:/<name>@<alias> "
+                                        "(evaluate.checkpoint)")
     p.add_argument("--data", help="labelled set root (data.root; default: the checkpoint's training data)")
     p.add_argument("--out", help="report folder (evaluate.out; default: reports/<model>-<checkpoint name>)")
     p.add_argument("--split", choices=("val", "all"), help="evaluate.split (default val)")
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     flags = [f"evaluate.{k}={v}" for k in ("checkpoint", "out", "split", "tta") if (v := getattr(args, k))]
     flags += [f"data.root={args.data}"] * bool(args.data) + ["evaluate.write_thresholds=true"] * args.write_thresholds
     flags += ["evaluate.robustness=false"] * args.no_robustness
-    from steelray import evaluate, images, report
+    from steelray import evaluate, images, registry, report, tracking
 
     try:
         for item in args.min_recall:
@@ -49,9 +51,13 @@ def main(argv=None) -> int:
             flags.append(f"evaluate.min_recall.{name}={value}")
         job = cli.load(args, config.EvaluateJob, flags)
         ev = evaluate.run(job)
-    except (config.ConfigError, evaluate.EvaluationError, images.DataError, FileNotFoundError) as e:
+    except (config.ConfigError, evaluate.EvaluationError, images.DataError, FileNotFoundError,
+            registry.RegistryError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return cli.BAD_ARGUMENTS
+    except tracking.TrackingUnavailable as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return cli.BUSY
     opts = job.evaluate
     out = opts.out or os.path.join("reports", f"{ev.meta['model']['name']}-{opts.checkpoint.rstrip('/').rsplit('/', 1)[-1]}")
     written = report.write(ev, out)
@@ -67,6 +73,10 @@ def main(argv=None) -> int:
         print(f"probabilities kept for the night report's drift reference: {reference}")
     print(f"metrics: {written['metrics.json']}")
     print(f"report: {written['report.html']}")
+    if job.tracking.uri:
+        run = evaluate.track(ev, written)
+        print(run.summary() + (f" (the run that trained {opts.checkpoint})"
+                               if run.run_id and run.run_id == ev.meta.get("mlflow_run_id") else ""))
     return cli.DONE
 
 

@@ -25,19 +25,21 @@ from steelray import cli, config
 EXIT_CODES = {cli.DONE: "exported (and INT8 passed its gate, where asked)",
               cli.FAILED: "refused: parity past export.tolerance (nothing written), or INT8 past export.max_drop "
                           "(model.onnx written, model.int8.onnx not)",
-              cli.BAD_ARGUMENTS: "bad arguments, checkpoint or data"}
+              cli.BAD_ARGUMENTS: "bad arguments, checkpoint or data",
+              cli.BUSY: "a models:/ checkpoint and the MLflow server cannot be reached: retry later"}
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__, EXIT_CODES, config_help="YAML with export:, data: and s3: sections (optional)")
-    p.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix (export.checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint folder or s3:// prefix, or models:/<name>@<alias> "
+                                        "(export.checkpoint)")
     p.add_argument("--data", help="the checkpoint's data root, where not where training read it (data.root)")
     p.add_argument("--out", help="output folder (export.out; default <checkpoint>/export)")
     p.add_argument("--no-int8", action="store_true", help="the fp32 ONNX model only")
     args = p.parse_args(argv)
     flags = [f"export.{k}={v}" for k in ("checkpoint", "out") if (v := getattr(args, k))]
     flags += [f"data.root={args.data}"] * bool(args.data) + ["export.int8=false"] * args.no_int8
-    from steelray import evaluate, export, images, onnx_model, storage
+    from steelray import evaluate, export, images, onnx_model, registry, storage, tracking
 
     try:
         job = cli.load(args, config.ExportJob, flags)
@@ -46,9 +48,12 @@ def main(argv=None) -> int:
         print(f"export: {e}", file=sys.stderr)
         return cli.FAILED
     except (config.ConfigError, evaluate.EvaluationError, images.DataError, onnx_model.ExportedModelError,
-            FileNotFoundError) as e:
+            FileNotFoundError, registry.RegistryError) as e:
         print(f"export: {e}", file=sys.stderr)
         return cli.BAD_ARGUMENTS
+    except tracking.TrackingUnavailable as e:
+        print(f"export: {e}", file=sys.stderr)
+        return cli.BUSY
     par = result.fp32["parity"]
     print(f"model.onnx: {result.fp32['uri']} (version {result.fp32['digest']}); parity on {par['images']} "
           f"validation images: largest probability difference {par['max_abs_diff']:.2e} "

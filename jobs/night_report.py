@@ -21,6 +21,7 @@ from steelray import cli, config
 
 EXIT_CODES = {cli.DONE: "report written, nothing to alert on",
               cli.BAD_ARGUMENTS: "bad arguments, or no such output, night or version",
+              cli.BUSY: "a models:/ checkpoint and the MLflow server cannot be reached: retry later",
               cli.ALERT: "report written, with alerts: a drift flag, or error rows past report.max_error_rate"}
 
 
@@ -28,20 +29,26 @@ def main(argv=None) -> int:
     p = cli.parser(__doc__, EXIT_CODES, config_help="YAML with report: and s3: sections (optional)")
     p.add_argument("--output", help="the scoring output's root (report.output)")
     p.add_argument("--night", help="run date YYYY-MM-DD (report.night; default: the newest)")
-    p.add_argument("--checkpoint", help="the model's checkpoint folder (report.checkpoint), or give report.version")
-    p.add_argument("--candidate", help="a second checkpoint folder or version to compare (report.candidate)")
+    p.add_argument("--checkpoint", help="the model's checkpoint folder or models:/<name>@<alias> (report.checkpoint), "
+                                        "or give report.version")
+    p.add_argument("--candidate", help="a second checkpoint folder, models:/ URI or version to compare "
+                                       "(report.candidate)")
     p.add_argument("--out", help="folder for the report (report.out)")
     args = p.parse_args(argv)
     flags = [f"report.{k}={v}" for k in ("output", "night", "checkpoint", "candidate", "out") if (v := getattr(args, k))]
-    from steelray import night_page, night_report
+    from steelray import night_page, night_report, registry, tracking
     from steelray.scoring.plan import ScoreError
 
     try:
         job = cli.load(args, config.NightReportJob, flags)
         night = night_report.build(job)
-    except (config.ConfigError, night_report.ReportError, ScoreError, FileNotFoundError) as e:
+    except (config.ConfigError, night_report.ReportError, ScoreError, FileNotFoundError,
+            registry.RegistryError) as e:
         print(f"night_report: {e}", file=sys.stderr)
         return cli.BAD_ARGUMENTS
+    except tracking.TrackingUnavailable as e:
+        print(f"night_report: {e}", file=sys.stderr)
+        return cli.BUSY
     written = night_page.write(night, job)
     s = night.summary
     print(f"night {s['night']}, version {s['version']['digest']}: {s['volumes']['scored']} scored, "

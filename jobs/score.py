@@ -26,13 +26,15 @@ EXIT_CODES = {cli.DONE: "done: every input has its row",
               cli.FAILED: "the output failed verification (inputs missing or twice, named): a rerun scores the "
                           "missing ones; a second exit 1 needs a person (duplicated rows)",
               cli.BAD_ARGUMENTS: "bad arguments or checkpoint: do not retry before fixing them",
-              cli.BUSY: "another job with the same model is writing this output (named): retry later"}
+              cli.BUSY: "another job with the same model is writing this output (named), or the MLflow server "
+                        "a models:/ checkpoint is looked up on cannot be reached: retry later"}
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__, EXIT_CODES, config_help="YAML with score: and s3: sections (optional)")
     p.add_argument("--input", help="folder or s3:// prefix of images, a manifest file (.txt/.csv), or one image")
-    p.add_argument("--checkpoint", help="classifier or segmenter checkpoint folder (local or s3://)")
+    p.add_argument("--checkpoint", help="classifier or segmenter checkpoint folder (local or s3://), or "
+                                        "models:/<name>@<alias> (jobs/register.py)")
     p.add_argument("--segmenter", help="segmenter checkpoint: cascade behind the --checkpoint classifier")
     p.add_argument("--output", help="Parquet dataset root (local or s3://), partitioned by run_date")
     p.add_argument("--retry-errors", action="store_true",
@@ -40,13 +42,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     flags = [f"score.{k}={v}" for k in ("input", "checkpoint", "segmenter", "output")
              if (v := getattr(args, k))] + ["score.retry_errors=true"] * args.retry_errors
+    from steelray import registry, tracking
     from steelray.scoring import job, lock, output, plan
 
     try:
         summary = job.run(cli.load(args, config.ScoreJob, flags))
-    except (config.ConfigError, FileNotFoundError) as e:
+    except (config.ConfigError, FileNotFoundError, registry.RegistryError) as e:
         print(f"score: {e}", file=sys.stderr)
         return cli.BAD_ARGUMENTS
+    except tracking.TrackingUnavailable as e:
+        print(f"score: {e}", file=sys.stderr)
+        return cli.BUSY
     except plan.ScoreError as e:
         print(f"score: {e}", file=sys.stderr)
         return (cli.FAILED if isinstance(e, output.VerificationError)

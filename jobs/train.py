@@ -29,6 +29,8 @@ def main(argv=None) -> int:
         return cli.BAD_ARGUMENTS
     result = train.fit(cfg)
     print(f"run folder: {result.run_uri}")
+    if result.tracking:
+        print(result.tracking)
     kept = "best" if cfg.train.keep == "best" else "last epoch's"
     print(f"{kept} metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in result.best_metrics.items()
                                          if isinstance(v, float)))

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
         print(f"trial {row.trial_id} failed: {row.error}")
     print(f"sweep folder: {result.sweep_uri}{' (resumed)' if result.resumed else ''}")
     print(f"trials table: {result.sweep_uri}/trials.csv")
+    if result.tracking:
+        print(result.tracking)
     print(f"best {result.metric}: {result.best_value:.4g}")
     print(f"best config: {result.best_config}")
     print(f"best checkpoint: {result.best_checkpoint}")

@@ -43,11 +43,15 @@ def write(folder: str, model: nn.Module, meta: dict, train_state: dict | None = 
 
 
 def make_meta(cfg: config_mod.Config, classes: list[str], preprocess: Preprocess, *,
-              thresholds: list[float] | None = None, epoch: int = 0, metrics: dict | None = None) -> dict:
-    return {"format": "steelray-checkpoint/1", "task": cfg.task, "classes": list(classes),
+              thresholds: list[float] | None = None, epoch: int = 0, metrics: dict | None = None,
+              run_id: str = "") -> dict:
+    """``run_id``: the MLflow run that trained it (``tracking.uri`` in the config names the server),
+    where an evaluation of the checkpoint logs its report."""
+    meta = {"format": "steelray-checkpoint/1", "task": cfg.task, "classes": list(classes),
             "thresholds": thresholds or [0.5] * models.num_outputs(cfg.task, len(classes)),
             "preprocess": preprocess.to_dict(), "model": {"name": cfg.model.name, "arch": cfg.model.arch},
             "epoch": epoch, "metrics": metrics or {}, "config": config_mod.to_dict(cfg)}
+    return {**meta, "mlflow_run_id": run_id} if run_id else meta
 
 
 def read_meta(uri: str, s3: S3Config | None = None) -> dict:

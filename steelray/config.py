@@ -19,6 +19,7 @@ from steelray import storage
 from steelray.config_loader import (SECRET_MASK, ConfigError, apply_override, build, coerce, is_date,  # noqa: F401
                                      setting, to_dict)
 from steelray.storage import S3Config
+from steelray.tracking import TrackingConfig
 
 Task = Literal["binary", "multilabel", "multiclass", "segmentation"]
 
@@ -185,6 +186,7 @@ class ScoreConfig:
 class ScoreJob:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     s3: S3Config = field(default_factory=S3Config)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # models:/ checkpoints
 
 
 @dataclass
@@ -231,6 +233,7 @@ class EvaluateJob:
     data: dict[str, Any] = setting({})  # data.* settings of the labelled set over the checkpoint's own (empty:
                                    # its training data); any other root means all of that set's images
     s3: S3Config = field(default_factory=S3Config)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # models:/ checkpoints
 
 
 @dataclass
@@ -254,6 +257,7 @@ class ExportJob:
     export: ExportConfig = field(default_factory=ExportConfig)
     data: dict[str, Any] = setting({})  # data.* of the images used (as evaluate's): the checkpoint's own splits
     s3: S3Config = field(default_factory=S3Config)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # models:/ checkpoints
 
 
 @dataclass
@@ -281,6 +285,7 @@ class NightReportConfig:
 class NightReportJob:
     report: NightReportConfig = field(default_factory=NightReportConfig)
     s3: S3Config = field(default_factory=S3Config)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # models:/ checkpoints
 
 
 @dataclass
@@ -293,6 +298,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --- loading -------------------------------------------------------------------------------------

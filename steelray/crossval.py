@@ -18,7 +18,7 @@ import time
 
 import pandas as pd
 
-from steelray import config, storage, tune
+from steelray import config, storage, tracking, tune
 from steelray.config import Config
 
 # Validation figures aggregated where the training run reports them.
@@ -50,8 +50,15 @@ def run(cfg: Config) -> dict:
               "epochs": cfg.train.epochs, "completed": len(done), "aggregate": aggregate(done),
               "per_fold": folds.to_dict("records")}
     storage.write_text(storage.join(swept.sweep_uri, "folds.csv"), folds.to_csv(index=False), cfg.s3)
-    storage.write_text(storage.join(swept.sweep_uri, "crossval.json"), json.dumps(result, indent=1, default=_plain),
-                       cfg.s3)
+    text = json.dumps(result, indent=1, default=_plain)
+    storage.write_text(storage.join(swept.sweep_uri, "crossval.json"), text, cfg.s3)
+    # the sweep's MLflow run (where tracked) gets the figures over the folds: cv_<figure>_mean / _std
+    run = tracking.start(cv.tracking, cv.tracking.experiment or f"steelray-{cv.task}", cv.tune.name,
+                         key=("steelray.sweep_uri", swept.sweep_uri))
+    run.log_metrics({f"cv_{k}_{s}": a[s] for k, a in result["aggregate"].items() for s in ("mean", "std")})
+    run.log_text(text, "crossval.json")
+    run.log_text(folds.to_csv(index=False), "folds.csv")
+    run.end()
     return result
 
 

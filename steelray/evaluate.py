@@ -79,6 +79,10 @@ def run(job: config.EvaluateJob) -> Evaluation:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if not job.evaluate.checkpoint:
         raise EvaluationError("evaluate.checkpoint: required (a checkpoint folder written by jobs/train.py)")
+    from steelray import registry
+
+    job = dataclasses.replace(job, evaluate=dataclasses.replace(  # models:/<name>@<alias> -> its checkpoint
+        job.evaluate, checkpoint=registry.resolve(job.evaluate.checkpoint, job.tracking, job.s3)))
     if job.evaluate.write_thresholds and onnx_model.is_exported(job.evaluate.checkpoint):
         raise EvaluationError(f"{job.evaluate.checkpoint}: an exported model carries the thresholds it was "
                               "exported with; calibrate its checkpoint (--write-thresholds there) and export again")
@@ -286,6 +290,20 @@ def write_back(ev: Evaluation) -> str:
     meta["calibration"] = note
     storage.write_text(meta_uri, json.dumps(meta, indent=1), ev.job.s3)
     return meta_uri
+
+
+def track(ev: Evaluation, written: dict[str, str]):
+    """Log the evaluation (metrics.json, report.html, the calibrated thresholds, its figures) to the
+    MLflow run that trained the checkpoint, or a run of its own; returns that ``tracking.Run``."""
+    from steelray import tracking
+
+    opts = ev.job.evaluate
+    label = opts.split + ("" if opts.tta == "none" else f"-{opts.tta}")
+    files = {name: storage.read_text(written[name], ev.job.s3) for name in ("metrics.json", "report.html")}
+    figures = {k: v for k, v in ev.before.items() if isinstance(v, (int, float))}
+    return tracking.log_evaluation(ev.job.tracking, ev.meta, opts.checkpoint, files, figures,
+                                   {k: ev.calibration[k] for k in ("thresholds", "min_area") if k in ev.calibration},
+                                   label)
 
 
 def keep_reference(ev: Evaluation) -> str | None:

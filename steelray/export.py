@@ -109,9 +109,13 @@ def parity(graph: Graph, exported: onnx_model.OnnxModel, batch: np.ndarray, step
 
 
 def run(job: config.ExportJob) -> Export:
-    opts = job.export
-    if not opts.checkpoint:
+    if not job.export.checkpoint:
         raise ExportError("export.checkpoint: required (a checkpoint folder written by jobs/train.py)")
+    from steelray import registry
+
+    job = dataclasses.replace(job, export=dataclasses.replace(  # models:/<name>@<alias> -> its checkpoint
+        job.export, checkpoint=registry.resolve(job.export.checkpoint, job.tracking, job.s3)))
+    opts = job.export
     if onnx_model.is_exported(opts.checkpoint):
         raise ExportError(f"export.checkpoint {opts.checkpoint}: already an exported model; give the "
                           "checkpoint folder it came from")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from steelray import drift, input_stats, storage
+from steelray import drift, input_stats, registry, storage
 from steelray.config import NightReportJob
 from steelray.scoring import output
 from steelray.scoring.plan import CLASSES_KEY, DECISION_KEY, NO_DEFECT_NAMES, column_name, file_tag
@@ -77,9 +77,11 @@ def build(job: NightReportJob) -> Night:
                           f"{', '.join(nights[-10:])}")
     window = [n for n in nights if n < night][-r.nights:] if r.nights else []
     window.append(night)
-    prod = _version(dataset, r.output, r.version, r.checkpoint, night, s3, "report")
+    prod = _version(dataset, r.output, r.version, registry.resolve(r.checkpoint, job.tracking, s3), night, s3,
+                    "report")
     cand = None
-    if r.candidate:  # a checkpoint folder, or a version (digests have no "/")
+    if r.candidate:  # a checkpoint folder (or models:/), or a version (digests have no "/")
+        r = replace(r, candidate=registry.resolve(r.candidate, job.tracking, s3))
         folder = "/" in r.candidate or storage.isdir(r.candidate, s3)
         cand = _version(dataset, r.output, "" if folder else r.candidate, r.candidate if folder else "",
                         night, s3, "report.candidate")

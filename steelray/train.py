@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from steelray import checkpoint, cluster, config, data, images, metrics, model_io, models, presets, rle, storage
+from steelray import (checkpoint, cluster, config, data, images, metrics, model_io, models, presets, rle, storage,
+                      tracking)
 from steelray.config import Config
 
 log = logging.getLogger(__name__)  # worker-side progress: Ray Train routes it to the console and job logs
@@ -35,6 +36,7 @@ class TrainResult:
     best_checkpoint: str
     best_metrics: dict
     epochs: int
+    tracking: str = ""  # the MLflow run, or why tracking stopped (tracking never fails training)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -57,9 +59,10 @@ def prepare(cfg: Config, manifest: data.Manifest | None = None) -> Prepared:
     return Prepared(manifest.classes, records(train_m, cfg.task), records(val_m, cfg.task), manifest.summary())
 
 
-def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainResult:
+def fit(cfg: Config, prepared: Prepared | None = None, callbacks=(), parent: dict | None = None) -> TrainResult:
     """Train ``cfg`` on the connected Ray cluster (or a local one); returns the best checkpoint.
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``); ``parent``
+    the sweep's MLflow run (``tracking.Run.info()``), which this run is a child of."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -78,9 +81,10 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
+    run = tracking.start_training(cfg, run_uri, prepared.train, prepared.val, prepared.classes, parent)
     storage_path, storage_fs = storage.pyarrow_filesystem(storage_uri, cfg.s3)
     loop_config = {"config": config.to_dict(cfg, redact=False), "classes": prepared.classes,
-                   "train": prepared.train, "val": prepared.val, "run_uri": run_uri}
+                   "train": prepared.train, "val": prepared.val, "run_uri": run_uri, "tracking": run.info()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -97,15 +101,23 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=()) -> TrainRes
             # below; its warnings and errors (a worker lost, a restart) still show.
             logging_config=LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        run.end("FAILED")
+        raise
     best, best_metrics = max(result.best_checkpoints or [],
                              key=lambda cm: cm[1][metric] if mode(metric) == "max" else -cm[1][metric],
                              default=(None, {}))
     if best is None:
+        run.end("FAILED")
         raise RuntimeError(f"run {run_uri} finished without a checkpoint")
     best_uri = f"s3://{best.path}" if storage.is_s3(storage_uri) else best.path
     storage.write_text(storage.join(run_uri, "best_checkpoint.txt"), best_uri + "\n", cfg.s3)
-    return TrainResult(run_uri, best_uri, best_metrics, int(result.metrics.get("epoch", 0)))
+    out = TrainResult(run_uri, best_uri, best_metrics, int(result.metrics.get("epoch", 0)))
+    tracking.end_training(run, cfg, out, metric)
+    out.tracking = run.summary()
+    return out
 
 
 def mode(metric: str) -> str:
@@ -316,6 +328,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resumed_from = start_epoch
 
     metric = target_metric(cfg)
+    run = tracking.Run.attach(loop_config.get("tracking") if rank == 0 else None)  # rank 0 logs, as Ray advises
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -334,8 +347,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("epoch %d/%d %s (%.1fs)", epoch + 1, cfg.train.epochs, " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "resumed_from_epoch")), elapsed)
             _write_history(history, run_uri, cfg)
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             with tempfile.TemporaryDirectory() as folder:
-                meta = checkpoint.make_meta(cfg, classes, pre, epoch=epoch + 1, metrics=row)
+                meta = checkpoint.make_meta(cfg, classes, pre, epoch=epoch + 1, metrics=row, run_id=run.run_id)
                 checkpoint.write(folder, model, meta, {"optimizer": optimizer.state_dict(),
                                                        "scheduler": scheduler.state_dict(),
                                                        "epoch": epoch + 1, "history": history})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import yaml
 
-from steelray import cluster, config, data, storage, train
+from steelray import cluster, config, data, storage, tracking, train
 from steelray.config import Config
 
 # The Optuna study users ran before: 5 trials over these, maximising validation macro-F1.
@@ -50,6 +50,7 @@ class SweepResult:
     best_checkpoint: str
     best_value: float
     resumed: bool
+    tracking: str = ""      # the sweep's MLflow run, or why tracking stopped
 
 
 def run(cfg: Config) -> SweepResult:
@@ -67,12 +68,14 @@ def run(cfg: Config) -> SweepResult:
     prepared = train.prepare(cfg, manifest)
     connect(cfg)
     concurrent = max_concurrent(cfg)
+    parent = tracking.start_sweep(cfg, sweep_uri, name, metric)
     storage_path, fs = storage.pyarrow_filesystem(root, cfg.s3)
     params, choices = param_space(cfg.tune)
     base = {k: v for k, v in config.to_dict(cfg, redact=False).items() if k != "tune"}
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(_trial, base=base, choices=choices, prepared=prepared, sweep_uri=sweep_uri,
-                                 manifest=manifest if "data.fold" in cfg.tune.space else None),
+                                 manifest=manifest if "data.fold" in cfg.tune.space else None,
+                                 parent=parent.info()),
         {"cpu": 0, "trial_driver": 1})
     state_path = f"{storage_path}/{name}"
     resumed = ray_tune.Tuner.can_restore(state_path, storage_filesystem=fs)
@@ -91,15 +94,24 @@ def run(cfg: Config) -> SweepResult:
                 max_concurrent_trials=concurrent),
             run_config=ray_tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                                           failure_config=ray_tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.end("FAILED")
+        raise
     trials = trial_table(grid, cfg, metric, choices, sweep_uri)
     write_table(trials, sweep_uri, cfg)
     finished = trials[trials["status"] != "failed"].dropna(subset=[metric])
+    files = {"trials.csv": trials.to_csv(index=False)}
+    if not finished.empty:
+        best = finished.sort_values(metric, ascending=train.mode(metric) == "min", kind="stable").iloc[0]
+        best_config = write_best_config(cfg, best, metric, sweep_uri)
+        files["best.yaml"] = storage.read_text(best_config, cfg.s3)
+    tracking.end_sweep(parent, trials, metric, sweep_uri, files)
     if finished.empty:
         raise SweepError(f"sweep {sweep_uri}: no trial reported {metric}; see {sweep_uri}/trials.csv")
-    best = finished.sort_values(metric, ascending=train.mode(metric) == "min", kind="stable").iloc[0]
-    best_config = write_best_config(cfg, best, metric, sweep_uri)
-    return SweepResult(sweep_uri, trials, metric, best_config, best["checkpoint"], float(best[metric]), resumed)
+    return SweepResult(sweep_uri, trials, metric, best_config, best["checkpoint"], float(best[metric]), resumed,
+                       parent.summary())
 
 
 def with_space(cfg: Config) -> Config:
@@ -114,10 +126,11 @@ def with_space(cfg: Config) -> Config:
 # --- the trial ----------------------------------------------------------------------------------
 
 def _trial(params: dict, base: dict, choices: dict, prepared: train.Prepared, sweep_uri: str,
-           manifest: data.Manifest | None = None) -> None:
+           manifest: data.Manifest | None = None, parent: dict | None = None) -> None:
     """One trial: the training config with this trial's values, trained by ``train.fit`` as usual.
     Its Train run is named after the trial, so a resumed sweep resumes the run from its checkpoint.
-    A sweep over ``data.fold`` (cross-validation) splits the manifest for each trial's fold."""
+    A sweep over ``data.fold`` (cross-validation) splits the manifest for each trial's fold. Its
+    MLflow run, if tracked, is a child of the sweep's (``parent``)."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -130,7 +143,7 @@ def _trial(params: dict, base: dict, choices: dict, prepared: train.Prepared, sw
     cfg = replace(cfg, ray=replace(cfg.ray, storage_path=storage.join(sweep_uri, "train"), run_name=trial_id))
     if manifest is not None:
         prepared = train.prepare(cfg, manifest)
-    train.fit(cfg, prepared, callbacks=[TuneReportCallback()])
+    train.fit(cfg, prepared, callbacks=[TuneReportCallback()], parent=parent)
 
 
 # --- search space, search algorithm, scheduler, resources ---------------------------------------

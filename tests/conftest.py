@@ -128,6 +128,91 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+# The MLflow server the tests start: the full mlflow package, in an environment of its own (it pins
+# pyarrow < 26, which steelray cannot take; jobs need only mlflow-skinny, in the test venv). boto3:
+# the S3 variant stores artifacts on moto.
+MLFLOW_SERVER = ("mlflow>=3.17.2,<4", "boto3")
+
+
+@pytest.fixture(scope="session")
+def mlflow_env() -> Path:
+    """The server's Python environment, built once with uv (as .ci/install hands it pip's settings)
+    next to the test venvs, and kept."""
+    import hashlib
+    import shutil
+
+    root = Path(os.environ.get("STEELRAY_VENV_ROOT") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "steelray")
+    env_dir = root / ("mlflow-server-" + hashlib.sha256(" ".join(MLFLOW_SERVER).encode()).hexdigest()[:12])
+    if (env_dir / "bin" / "python").exists():
+        return env_dir
+    env = {**os.environ, "PYTHON": sys.executable, "STEELRAY_VENV_ROOT": str(root)}
+    uv = subprocess.run([str(REPO / ".ci" / "install"), "--uv"], env=env, capture_output=True, text=True)
+    settings = subprocess.run([str(REPO / ".ci" / "install"), "--uv-env"], env=env, capture_output=True, text=True)
+    if uv.returncode or settings.returncode:
+        pytest.fail(f"cannot build the MLflow server's environment: no uv ({uv.stderr.strip()[-500:]})")
+    env.update(line.split("=", 1) for line in settings.stdout.splitlines() if "=" in line)
+    tmp = root / f"{env_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = [[uv.stdout.strip(), "venv", "--quiet", "--python", sys.executable, str(tmp)],
+             [uv.stdout.strip(), "pip", "install", "--quiet", "--python", str(tmp / "bin" / "python"), *MLFLOW_SERVER]]
+    for step in steps:
+        done = subprocess.run(step, env=env, capture_output=True, text=True)
+        if done.returncode:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pytest.fail(f"cannot build the MLflow server's environment: {' '.join(step)}: {done.stderr[-1500:]}")
+    os.replace(tmp, env_dir)  # whole or not at all
+    return env_dir
+
+
+def start_mlflow(env_dir: Path, folder: Path, artifacts: str, env: dict | None = None):
+    """``mlflow server`` on a free loopback port (SQLite store in ``folder``, artifacts served from
+    ``artifacts``); returns (process, URL) once it answers /health."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(folder / "mlflow.log", "w")
+    # python -m: the environment was built elsewhere and moved, so its scripts' #! lines are stale
+    proc = subprocess.Popen([str(env_dir / "bin" / "python"), "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                             "--artifacts-destination", artifacts],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start on {url}; see {log.name}")
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_env, tmp_path_factory):
+    """An MLflow tracking server and registry on 127.0.0.1, artifacts in a local folder: its URL."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    proc, url = start_mlflow(mlflow_env, folder, str(folder / "artifacts"))
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_s3(mlflow_env, s3_endpoint, tmp_path_factory):
+    """The same with its artifacts on moto's S3 (served through the server, as a plant sets it up,
+    so clients need no S3 credentials for them): its URL."""
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir("mlflow-artifacts")
+    folder = tmp_path_factory.mktemp("mlflow-s3")
+    proc, url = start_mlflow(mlflow_env, folder, "s3://mlflow-artifacts/store",
+                             {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint})
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
 class FlakyS3:
     """An HTTP proxy in front of moto that answers 503 (ServiceUnavailable) to the first ``fail[key]``
     requests naming an object key, then passes them on: real transient S3 failures for real clients,

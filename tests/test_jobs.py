@@ -59,7 +59,7 @@ def test_ray_job_submit_train_then_score_on_a_local_head(tmp_path, ray_tmp):
     from steelray import synth
 
     synth.make_neu(str(tmp_path / "neu"), 4, seed=1, workers=1)
-    port, dash = _free_port(), _free_port()
+    port, dash, dead_port = _free_port(), _free_port(), _free_port()  # dead_port: nothing listens there
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
@@ -87,7 +87,9 @@ def test_ray_job_submit_train_then_score_on_a_local_head(tmp_path, ray_tmp):
                   "python", "jobs/train.py", "--config", "jobs/configs/neu.yaml", f"data.root={tmp_path / 'neu'}",
                   "model.name=simple_cnn", "input.size=[32,32]", "train.epochs=1", "ray.cpus_per_worker=0.5",
                   "train.loader_workers=0",
-                  f"ray.storage_path={tmp_path / 'runs'}", "ray.run_name=job"]
+                  f"ray.storage_path={tmp_path / 'runs'}", "ray.run_name=job",
+                  # an MLflow server that is down: the job stays green and says so
+                  f"tracking.uri=http://127.0.0.1:{dead_port}", "tracking.timeout=2"]
         for _ in range(20):  # the head's job agent comes up a little after its HTTP server
             job = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
             if "No available agent to submit job" not in job.stderr:
@@ -97,6 +99,7 @@ def test_ray_job_submit_train_then_score_on_a_local_head(tmp_path, ray_tmp):
         assert job.returncode == 0, logs[-4000:]
         assert f"best checkpoint: {tmp_path / 'runs' / 'job' / 'epoch-0001'}" in logs
         assert "succeeded" in logs
+        assert f"tracking: off (MLflow server http://127.0.0.1:{dead_port} not reachable within 2 s" in logs
         assert logs.count("epoch 1/1 train_loss") == 1, "per-epoch progress missing from the job logs, or doubled"
 
         # The nightly job the same way, with the checkpoint just trained.

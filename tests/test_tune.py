@@ -82,12 +82,14 @@ def test_asha_runs_on_epochs_up_to_the_longest_trial():
 
 # --- sweeps on a local Ray ------------------------------------------------------------------------
 
-def test_sweep_with_asha_writes_table_and_best_yaml_and_a_nan_trial_fails(ray_local, tmp_path, neu_small):
+def test_sweep_with_asha_writes_table_and_best_yaml_and_a_nan_trial_fails(ray_local, tmp_path, neu_small,
+                                                                          mlflow_server):
     """3 trials on 2 CPUs (2 at a time); lr 1e30 diverges to NaN: that trial fails readably, the
-    others finish; the best config is a training config."""
+    others finish; the best config is a training config. Tracked: a parent run, a child per trial."""
     cfg = config.load(NEU, [f"data.root={neu_small}", *SMALL, "train.epochs=3", f"ray.storage_path={tmp_path}",
                             "tune.name=sw", "tune.search=grid", "tune.grace_period=1",
-                            "tune.space={train.lr: {choice: [1e-3, 1e30, 1e-2]}}"])
+                            "tune.space={train.lr: {choice: [1e-3, 1e30, 1e-2]}}",
+                            f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-asha"])
     result = tune.run(cfg)
     t = result.trials.set_index("train.lr")
     assert len(t) == 3 and t.trial_id.is_unique
@@ -111,6 +113,26 @@ def test_sweep_with_asha_writes_table_and_best_yaml_and_a_nan_trial_fails(ray_lo
     assert best_cfg.train.lr == best.name and best_cfg.model.name == "simple_cnn" and best_cfg.train.epochs == 3
     assert best_cfg.data.root == str(neu_small) and best_cfg.ray.run_name == "" and not best_cfg.tune.space
     assert "Best trial of sweep" in Path(result.best_config).read_text()
+    # MLflow: the sweep a parent run, each trial a child with its status, sampled value and best figure
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=mlflow_server)
+    exp = c.get_experiment_by_name("sweep-asha").experiment_id
+    parent, = c.search_runs([exp], "tags.`steelray.job` = 'sweep'")
+    assert result.tracking == f"tracking: MLflow run {parent.info.run_id} at {mlflow_server}"
+    assert parent.info.status == "FINISHED" and parent.data.tags["steelray.best_trial"] == best.trial_id
+    assert parent.data.metrics["best_macro_f1"] == pytest.approx(best.macro_f1)
+    children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["steelray.trial_id"] for r in children) == sorted(t.trial_id)
+    status = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
+    for child in children:
+        row = t[t.trial_id == child.data.tags["steelray.trial_id"]].iloc[0]
+        assert float(child.data.params["train.lr"]) == row.name
+        assert (child.data.tags["steelray.status"], child.info.status) == (row.status, status[row.status])
+        if row.status != "failed":
+            assert child.data.metrics["best_macro_f1"] == pytest.approx(row.macro_f1)
+            assert len(c.get_metric_history(child.info.run_id, "macro_f1")) == row.epochs
+    assert "trials.csv" in {a.path for a in c.list_artifacts(parent.info.run_id)}
 
 
 def test_optuna_sweep_on_s3_storage(ray_local, bucket, s3_endpoint, neu_small):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from steelray import cluster, storage
+from steelray import cluster, registry, storage
 from steelray.config import ScoreConfig, ScoreJob
 from steelray.scoring import output
 from steelray.scoring.actor import ActorSettings, Scorer
@@ -90,12 +90,15 @@ class Summary:
 
 def run(job: ScoreJob) -> Summary:
     """Score ``job.score.input`` into ``job.score.output``; raises ScoreError (bad input or
-    checkpoint), ``lock.OutputBusy`` (another job holds the output) or ``output.VerificationError``."""
+    checkpoint), ``lock.OutputBusy`` (another job holds the output) or ``output.VerificationError``;
+    for a ``models:/`` checkpoint ``registry.RegistryError`` or ``tracking.TrackingUnavailable``."""
     sc, s3 = job.score, job.s3
     if not sc.output:
         raise ScoreError("score.output: required (a folder or s3:// prefix for the Parquet dataset)")
     date = night(sc)
-    sc = replace(sc, run_date=date.isoformat(), input=expand_input(sc.input, date))
+    sc = replace(sc, run_date=date.isoformat(), input=expand_input(sc.input, date),
+                 checkpoint=registry.resolve(sc.checkpoint, job.tracking, s3),  # models:/<name>@<alias>
+                 segmenter=registry.resolve(sc.segmenter, job.tracking, s3))
     plan = make_plan(sc, s3)
     run_date = sc.run_date
     partition = storage.join(sc.output, f"run_date={run_date}")
