@@ -125,6 +125,15 @@ def test_register_score_by_alias_move_the_alias_and_the_next_night_is_the_new_ve
     assert per_night["2026-12-02"] == {describe(str(recal)).digest} != per_night["2026-12-01"]
     assert rows.groupby(rows.run_date.astype(str)).size().tolist() == [30, 30]
 
+    # evaluation and export take the alias too: what they read is version 2's folder
+    assert load_job("evaluate").main(["--checkpoint", "models:/neu-night@production", "--out", str(tmp_path / "ev"),
+                                      "--no-robustness", url]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["checkpoint"] == str(recal)
+    assert load_job("export").main(["--checkpoint", "models:/neu-night/1", "--out", str(tmp_path / "onnx"),
+                                    "--no-int8", url]) == 0
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["checkpoint"] == ckpt
+    capsys.readouterr()
+
     # what does not exist is named, with what does
     assert score([*argv, "--checkpoint", "models:/neu-night@staging"]) == 2
     err = capsys.readouterr().err
