@@ -20,6 +20,7 @@ stays the weights' digest, so an alias moved to another version is a new model v
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -101,8 +102,6 @@ def digest(uri: str, s3: S3Config | None = None) -> str:
 def register(job: RegisterJob) -> Registered:
     """Register ``register.checkpoint`` as a version of ``register.name`` (the same files twice are
     the same version), or take ``register.version``; then move ``register.aliases`` to it."""
-    import json
-
     opts = job.register
     check(opts)
     client = tracking.client(tracking_uri(job.tracking), job.tracking.timeout)

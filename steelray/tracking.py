@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from steelray.config_loader import setting
@@ -147,7 +148,6 @@ class Run:
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
@@ -245,19 +245,19 @@ def start_training(cfg, run_uri: str, train: list, val: list, classes: list[str]
     return run
 
 
-def end_training(run: Run, cfg, result, metric: str) -> None:
+def end_training(run: Run, cfg, result, metric: str, figures: tuple[str, ...]) -> None:
     """After training: the best checkpoint's URI (tag and file), its model card and meta.json, the
-    run's config.yaml and metrics.csv as artifacts, its figures as ``best_*`` metrics; finished."""
+    run's config.yaml and metrics.csv as artifacts, its validation ``figures`` (and epoch) as
+    ``best_*`` metrics; finished."""
     from steelray import storage
 
     if not run.active:
         return
     meta = json.loads(storage.read_text(storage.join(result.best_checkpoint, "meta.json"), cfg.s3))
     run.set_tags({"steelray.checkpoint": result.best_checkpoint})
-    run.log_metrics({f"best_{k}": v for k, v in result.best_metrics.items()
-                     if k in ("epoch", "accuracy", "macro_f1", "roc_auc", "dice", "val_loss")})
+    run.log_metrics({f"best_{k}": v for k, v in result.best_metrics.items() if k in (*figures, "epoch")})
     run.log_text(result.best_checkpoint + "\n", "best_checkpoint.txt")
-    run.log_text(model_card(meta, result.best_checkpoint, result.run_uri, metric), "model_card.md")
+    run.log_text(model_card(meta, result.best_checkpoint, result.run_uri, metric, figures), "model_card.md")
     run.log_text(json.dumps(meta, indent=1), "checkpoint/meta.json")
     for name in ("config.yaml", "metrics.csv"):
         try:
@@ -267,13 +267,13 @@ def end_training(run: Run, cfg, result, metric: str) -> None:
     run.end("FINISHED")
 
 
-def model_card(meta: dict, checkpoint: str, run_uri: str, metric: str) -> str:
+def model_card(meta: dict, checkpoint: str, run_uri: str, metric: str, figures: tuple[str, ...]) -> str:
     """A short Markdown card: what the model decides, from what, how well (on which images), where
     its checkpoint is, and how to score with it."""
     cfg = meta.get("config", {})
     data, train, pre = cfg.get("data", {}), cfg.get("train", {}), meta.get("preprocess", {})
-    figures = ", ".join(f"{k} {v:.4f}" for k, v in meta.get("metrics", {}).items()
-                        if k in ("accuracy", "macro_f1", "roc_auc", "dice") and isinstance(v, float))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in meta.get("metrics", {}).items()
+                      if k in figures and isinstance(v, float))
     split = (f"fold {data.get('fold')} of {data.get('folds')}" if data.get("folds")
              else f"a {data.get('val_fraction')} validation split (seed {data.get('seed')})")
     return "\n".join([
@@ -284,7 +284,7 @@ def model_card(meta: dict, checkpoint: str, run_uri: str, metric: str) -> str:
         f"- Training: {train.get('epochs')} epochs, lr {train.get('lr')}, batch {train.get('batch_size')}, "
         f"augment {cfg.get('input', {}).get('augment')}, kept the {train.get('keep', 'best')} epoch "
         f"(epoch {meta.get('epoch')})",
-        f"- Validation ({metric} chose the epoch, so these figures flatter it): {figures}",
+        f"- Validation ({metric} chose the epoch, so these figures flatter it): {shown}",
         f"- Checkpoint: `{checkpoint}` (run folder `{run_uri}`)", "",
         f"Score with it: `python jobs/score.py --checkpoint {checkpoint} --input ... --output ...`", ""])
 

@@ -115,7 +115,8 @@ def fit(cfg: Config, prepared: Prepared | None = None, callbacks=(), parent: dic
     best_uri = f"s3://{best.path}" if storage.is_s3(storage_uri) else best.path
     storage.write_text(storage.join(run_uri, "best_checkpoint.txt"), best_uri + "\n", cfg.s3)
     out = TrainResult(run_uri, best_uri, best_metrics, int(result.metrics.get("epoch", 0)))
-    tracking.end_training(run, cfg, out, metric)
+    tracking.end_training(run, cfg, out, metric,
+                          SEGMENTER_METRICS if cfg.task == "segmentation" else CLASSIFIER_METRICS)
     out.tracking = run.summary()
     return out
 
