@@ -9,7 +9,9 @@ Writes folds.csv and crossval.json in the sweep folder (<ray.storage_path>/<tune
 same tune.name to resume). Each fold's run keeps its last epoch's checkpoint there: the fold models,
 e.g. for an ensemble. `--evaluate none,dihedral` then evaluates each fold model on its own validation
 images, under the robustness conditions, once per TTA mode (evaluation.json; a finished sweep is only
-evaluated). The last line printed is the target metric of the kept (last-epoch) models: mean and spread
+evaluated). `--ensemble-with <sweep>[,<sweep>]` (sweeps of the same folds: this config again with another
+train.seed and tune.name) evaluates instead each fold's ensemble of every sweep's fold model on that
+fold's images: the cross-validated figure of an ensemble recipe (<sweep>/ensemble-<digest>/). The last line printed is the target metric of the kept (last-epoch) models: mean and spread
 over the folds (each fold's best epoch, chosen on the images it is measured on, is in the table only).
 """
 
@@ -24,7 +26,8 @@ from steelray import cli, config
 EXIT_CODES = {cli.DONE: "every fold trained; the figures are written",
               cli.FAILED: "a fold failed or did not finish (its error is printed; the finished folds' figures "
                           "are written): rerun the same command to resume",
-              cli.BAD_ARGUMENTS: "bad config (data.folds < 2, ...): do not retry before fixing it"}
+              cli.BAD_ARGUMENTS: "bad config (data.folds < 2, ...), or --ensemble-with sweeps not of the same "
+                                 "folds or not finished: do not retry before fixing it"}
 
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")  # as jobs/tune.py: what a killed run can lose
 
@@ -41,7 +44,13 @@ def main(argv=None) -> int:
     parser = cli.parser(__doc__, EXIT_CODES, config_required=True, config_help="YAML training config; data.folds >= 2")
     parser.add_argument("--evaluate", type=tta_modes, default=[], metavar="TTA[,TTA]",
                         help="also evaluate each fold model on its validation images, per TTA mode: none, flips, dihedral")
+    parser.add_argument("--ensemble-with", default="", metavar="SWEEP[,SWEEP]",
+                        help="with --evaluate: judge each fold by the ensemble of this sweep's fold model and "
+                             "these sweeps' (same folds, e.g. another train.seed)")
     args = parser.parse_args(argv)
+    others = [s.strip() for s in args.ensemble_with.split(",") if s.strip()]
+    if others and not args.evaluate:
+        parser.error("--ensemble-with needs --evaluate (the TTA modes to evaluate the ensembles with)")
     try:
         cfg = cli.load(args, config.Config)
         from steelray import crossval, train, tune
@@ -69,8 +78,17 @@ def main(argv=None) -> int:
     if args.evaluate and result["completed"] < result["folds"]:
         print(f"--evaluate waits for every fold: {result['completed']} of {result['folds']} completed")
     elif args.evaluate:
-        for mode, ev in crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3)["tta"].items():
-            print(f"fold models on their own validation images, tta {mode}: " + ", ".join(
+        from steelray import ensemble
+
+        try:
+            evaluated = crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3, others)
+        except ensemble.EnsembleError as e:
+            print(f"crossval: {e}", file=sys.stderr)
+            return cli.BAD_ARGUMENTS
+        what = f"ensembles of {len(others) + 1} sweeps' fold models" if others else "fold models"
+        print(f"evaluation: {evaluated['written_to']}")
+        for mode, ev in evaluated["tta"].items():
+            print(f"{what} on their own validation images, tta {mode}: " + ", ".join(
                 f"{k} {a['mean']:.4f} ± {a['std']:.4f} (max {a['max']:.4f})" for k, a in ev["aggregate"].items()))
             if "wrong" in ev["out_of_fold"]:
                 o = ev["out_of_fold"]

@@ -7,14 +7,18 @@ Train runs, as many at once as the cluster holds, and a killed run resumes where
 sweep folder (``<ray.storage_path>/<tune.name>``) gets ``folds.csv`` (a row per fold) and
 ``crossval.json`` (the rows and the aggregate). ``evaluate_folds`` then evaluates each fold model on
 its own validation images, under the robustness conditions and with test-time augmentation
-(``evaluation.json``): figures no fold model chose anything on, since each keeps its last epoch.
+(``evaluation.json``): figures no fold model chose anything on, since each keeps its last epoch. With other sweeps over the
+same folds (the recipe again with another ``train.seed``), it judges each fold by the ensemble of
+their fold models instead: an ensemble recipe's cross-validated figure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -77,37 +81,79 @@ def fold_row(sweep_uri: str, trial: dict, cfg: Config, metric: str) -> dict:
     return row
 
 
-def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = None) -> dict:
+def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = None,
+                   ensemble_with: Sequence[str] = ()) -> dict:
     """Each fold model (``ensemble.fold_models``) evaluated on its fold's validation images, robustness
     passes included, once per TTA mode in ``tta``: per fold the accuracy and macro-F1 (at the model's
     own decision), the wrong images and each condition's drop; their aggregate; and the out-of-fold
     figures, each image judged by the one model that never trained on it. Written to
-    ``<sweep>/evaluation.json``."""
-    from steelray import ensemble, evaluate
+    ``<sweep>/evaluation.json``.
+
+    With ``ensemble_with`` (other sweeps over the same folds, e.g. the recipe again with another
+    ``train.seed``), fold k is judged as the ensemble of every sweep's fold-k model: none of them
+    trained on fold k, so this is an ensemble recipe's cross-validated figure. The ensembles are
+    written to ``<sweep>/ensemble-<digest of the sweeps>/fold-<k>``, the figures to ``evaluation.json``
+    there."""
+    from steelray import ensemble
 
     s3 = s3 or config.S3Config()
     models = ensemble.fold_models(sweep_uri, s3)
-    result = {"sweep": sweep_uri, "folds": len(models), "tta": {}}
+    out, result = sweep_uri, {"sweep": sweep_uri, "folds": len(models), "tta": {}}
+    if ensemble_with:
+        sweeps = [sweep_uri, *ensemble_with]
+        out = storage.join(sweep_uri, "ensemble-" + hashlib.sha256("\n".join(sweeps).encode()).hexdigest()[:8])
+        models = fold_ensembles(sweeps, out, s3)
+        result.update(sweeps=sweeps, members=len(sweeps))
     for mode in tta:
-        rows = []
-        for fold, checkpoint in enumerate(models):
-            job = config.EvaluateJob(evaluate=config.EvaluateConfig(checkpoint=checkpoint, split="val", tta=mode), s3=s3)
-            ev = evaluate.run(job)
-            images = len(ev.manifest)
-            row = {"fold": fold, "checkpoint": checkpoint, "epoch": ev.meta.get("epoch"), "images": images}
-            row.update({k: float(ev.before[k]) for k in ("accuracy", "macro_f1") if k in ev.before})
-            if "accuracy" in row:
-                row["wrong"] = int(round((1 - row["accuracy"]) * images))
-            row.update({f"drop_{name}": float(r["drop"]) for name, r in ev.robustness["conditions"].items()})
-            rows.append(row)
+        rows = [_fold_figures(fold, checkpoint, mode, s3) for fold, checkpoint in enumerate(models)]
         folds = pd.DataFrame(rows)
         pooled = {"images": int(folds.images.sum())}
         if "wrong" in folds:
             pooled.update(wrong=int(folds.wrong.sum()), accuracy=1 - folds.wrong.sum() / folds.images.sum())
         result["tta"][mode] = {"per_fold": rows, "out_of_fold": pooled,
                                "aggregate": aggregate(folds, ("accuracy", "macro_f1", "wrong", "drop_"))}
-    storage.write_text(storage.join(sweep_uri, "evaluation.json"), json.dumps(result, indent=1, default=_plain), s3)
+    result["written_to"] = storage.join(out, "evaluation.json")
+    storage.write_text(result["written_to"], json.dumps(result, indent=1, default=_plain), s3)
     return result
+
+
+def fold_ensembles(sweeps: list[str], out: str, s3: config.S3Config) -> list[str]:
+    """Fold k's ensemble of every sweep's fold-k model, in ``<out>/fold-<k>``; refused unless the
+    sweeps have as many folds and each fold's members were split from the same data the same way."""
+    from steelray import ensemble, predict
+
+    per_sweep = [ensemble.fold_models(s, s3) for s in sweeps]
+    if len({len(m) for m in per_sweep}) > 1:
+        raise ensemble.EnsembleError("sweeps with different numbers of folds: " + ", ".join(
+            f"{s} ({len(m)})" for s, m in zip(sweeps, per_sweep)))
+    per_fold = list(zip(*per_sweep))
+    for fold, members in enumerate(per_fold):  # every fold checked before any ensemble is written
+        split = [predict.read_meta(m, s3)["config"]["data"] for m in members]
+        for sweep, member, d in zip(sweeps[1:], members[1:], split[1:]):
+            differ = sorted(k for k in set(d) | set(split[0]) if d.get(k) != split[0].get(k))
+            if differ:
+                raise ensemble.EnsembleError(
+                    f"fold {fold}: {member} (sweep {sweep}) was not trained on the same split as {members[0]}: "
+                    + ", ".join(f"data.{k} {d.get(k)!r} against {split[0].get(k)!r}" for k in differ))
+    folders = [storage.join(out, f"fold-{fold}") for fold in range(len(per_fold))]
+    for folder, members in zip(folders, per_fold):
+        ensemble.write(folder, list(members), s3)
+    return folders
+
+
+def _fold_figures(fold: int, checkpoint: str, tta: str, s3: config.S3Config) -> dict:
+    """One fold model (or ensemble) on its fold's validation images: accuracy, macro-F1, wrong, drops."""
+    from steelray import evaluate
+
+    job = config.EvaluateJob(evaluate=config.EvaluateConfig(checkpoint=checkpoint, split="val", tta=tta), s3=s3)
+    ev = evaluate.run(job)
+    images = len(ev.manifest)
+    row = {"fold": fold, "checkpoint": checkpoint, "epoch": ev.meta.get("epoch"), "images": images}
+    row.update({k: float(ev.before[k]) for k in ("accuracy", "macro_f1") if k in ev.before})
+    if "accuracy" in row:
+        row["wrong"] = int(round((1 - row["accuracy"]) * images))
+    row.update({f"drop_{name}": float(r["drop"]) for name, r in ev.robustness["conditions"].items()})
+    return row
 
 
 def aggregate(folds: pd.DataFrame, prefixes: tuple[str, ...] = ("best_", "last_")) -> dict:

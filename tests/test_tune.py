@@ -1,5 +1,6 @@
 """Ray Tune sweeps over the real training code: tiny models, synthetic NEU images, a local Ray."""
 
+import json
 import os
 import signal
 import subprocess
@@ -263,6 +264,42 @@ def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_sprea
         assert {"drop_glare", "drop_crushed", "drop_noise"} <= ev["aggregate"].keys()
         if mode == "none":  # without TTA: the figures training reported at the kept (last) epoch
             assert rows.accuracy.tolist() == pytest.approx(folds.last_accuracy.tolist())
+    # an ensemble recipe's figure: fold k judged by the ensemble of each sweep's fold-k model; the
+    # sweep with itself (two identical members) must give the single models' figures
+    twice = crossval.evaluate_folds(str(tmp_path / "cv"), ["none"], ensemble_with=[str(tmp_path / "cv")])
+    assert twice["members"] == 2 and twice["written_to"].endswith("evaluation.json")
+    assert json.loads(Path(twice["written_to"]).read_text())["sweeps"] == [str(tmp_path / "cv")] * 2
+    for row, single in zip(twice["tta"]["none"]["per_fold"], evaluated["tta"]["none"]["per_fold"]):
+        assert ensemble.read(row["checkpoint"])["members"] == [single["checkpoint"]] * 2
+        assert (row["images"], row["wrong"]) == (single["images"], single["wrong"])
+        assert row["macro_f1"] == pytest.approx(single["macro_f1"], abs=1e-6)
+
+
+def _fake_sweep(folder: Path, datas: list[dict]) -> str:
+    """A finished cross-validation's folder as far as its fold models' split: folds.csv and meta.json."""
+    rows = ["fold,status,checkpoint"]
+    for fold, d in enumerate(datas):
+        ck = folder / f"fold{fold}" / "epoch-0002"
+        ck.mkdir(parents=True)
+        (ck / "meta.json").write_text(json.dumps({"config": {"data": d}}))
+        rows.append(f"{fold},completed,{ck}")
+    (folder / "folds.csv").write_text("\n".join(rows) + "\n")
+    return str(folder)
+
+
+def test_crossval_ensembles_only_sweeps_of_the_same_folds(tmp_path):
+    from steelray import crossval, ensemble
+
+    split = [{"root": "/data/neu", "folds": 2, "fold": k, "seed": 0} for k in range(2)]
+    a = _fake_sweep(tmp_path / "a", split)
+    three = _fake_sweep(tmp_path / "three", [{**split[0], "folds": 3, "fold": k} for k in range(3)])
+    with pytest.raises(ensemble.EnsembleError, match=r"different numbers of folds: .*a \(2\), .*three \(3\)"):
+        crossval.evaluate_folds(a, ["none"], ensemble_with=[three])
+    reseeded = _fake_sweep(tmp_path / "reseeded", [split[0], {**split[1], "seed": 1}])
+    with pytest.raises(ensemble.EnsembleError, match=r"fold 1: .*reseeded/fold1/epoch-0002 \(sweep .*reseeded\) was "
+                                                     r"not trained on the same split as .*: data.seed 1 against 0"):
+        crossval.evaluate_folds(a, ["none"], ensemble_with=[reseeded])
+    assert not list(tmp_path.glob("a/ensemble-*/fold-*/ensemble.json"))  # refused before any ensemble is written
 
 
 def test_crossval_needs_folds():
