@@ -12,7 +12,8 @@ images, under the robustness conditions, once per TTA mode (evaluation.json; a f
 evaluated). `--ensemble-with <sweep>[,<sweep>]` (sweeps of the same folds: this config again with another
 train.seed and tune.name) evaluates instead each fold's ensemble of every sweep's fold model on that
 fold's images: the cross-validated figure of an ensemble recipe (<sweep>/ensemble-<digest>/).
-The last line printed is the target metric of the kept (last-epoch) models: mean and spread over the folds (each fold's best epoch, chosen on the images it is measured on, is in the table only).
+The last line printed is the target metric of the kept (last-epoch) models: mean and spread over the
+folds (each fold's best epoch, chosen on the images it is measured on, is in the table only).
 """
 
 from __future__ import annotations
