@@ -116,7 +116,10 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(ray_loc
     while not second.exists() and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert second.exists(), outcome
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # this session's cluster by address: another Ray on the machine (a job beside the tests) would
+    # otherwise make the state API refuse to guess ("Found multiple active Ray instances")
+    workers = list_actors(address=ray_local.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(workers[1]["pid"], signal.SIGKILL)
     thread.join(600)
