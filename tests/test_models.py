@@ -85,13 +85,17 @@ def test_augmentation_moves_masks_with_the_image(preset):
     mask = np.zeros((64, 64, 2), np.uint8)
     image[10:30, 5:25] = 220
     mask[10:30, 5:25, 1] = 1
+    compared = 0
     for seed in range(20):
-        np.random.seed(seed)
+        pipeline.set_random_seed(seed)  # albumentations draws from its own generator, not np.random's
         out = pipeline(image=image, mask=mask)
-        x, m = out["image"][..., 0], out["mask"][..., 1].astype(bool)
+        x, m = out["image"][..., 0].astype(float), out["mask"][..., 1].astype(bool)
         assert out["image"].shape == (48, 48, 1) and out["mask"].shape == (48, 48, 2)
-        if m.any() and (~m).any():
-            assert x[m].mean() > x[~m].mean() + 1.0
+        # robust's under-exposure blacks the bright square out in ~4% of draws: nothing to compare then
+        if m.any() and (~m).any() and x[m].max() >= 32:
+            assert x[m].mean() > x[~m].mean() + 1.0, f"draw {seed}: the mask did not move with the image"
+            compared += 1
+    assert compared >= 10
 
 
 @pytest.mark.parametrize("normalize", ["dataset", "image"])
