@@ -82,6 +82,8 @@ class TrainConfig:
     grad_clip: float = setting(0.0, min=0.0)           # 0: off
     accum_steps: int = setting(1, min=1)
     label_smoothing: float = setting(0.0, min=0.0, max=0.5)  # multiclass cross-entropy only
+    mixup: float = setting(0.0, min=0.0)              # multiclass: mixup's Beta alpha (timm Mixup); 0: off
+    cutmix: float = setting(0.0, min=0.0)             # multiclass: cutmix's alpha; with mixup, half the batches each
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     imbalance: Literal["none", "pos_weight", "sampler"] = "pos_weight"
     loader_workers: int = setting(2, min=0)            # DataLoader processes per worker (decode + augment)
@@ -373,6 +375,8 @@ def _check_consistency(cfg: Any) -> None:
         raise ConfigError(f"data.fold: must be < data.folds ({d.folds}), got {d.fold}")
     if d.format == "csv" and not d.labels_csv:
         raise ConfigError("data.labels_csv: required when data.format is csv")
+    if (cfg.train.mixup or cfg.train.cutmix) and cfg.task != "multiclass":
+        raise ConfigError(f"train.mixup / train.cutmix: mix one-label classes (task multiclass), not {cfg.task}")
     if cfg.task == "segmentation" and d.format != "severstal":
         raise ConfigError("task: segmentation needs masks, which only data.format=severstal has; "
                           f"got data.format={d.format}")

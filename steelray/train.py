@@ -262,6 +262,17 @@ class _QuietReports(logging.Filter):
         return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}train{os.sep}" not in record.name
 
 
+def make_mixup(cfg: Config, n_classes: int):
+    """timm's Mixup/CutMix for a multiclass batch (``mix(x, y)`` -> mixed images, class probabilities,
+    which ``make_loss``'s cross-entropy takes as they are, smoothing included), or None when off."""
+    if not (cfg.train.mixup or cfg.train.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, label_smoothing=0.0,
+                 num_classes=n_classes)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: typed config first, then an ordinary PyTorch loop."""
     import ray.train
@@ -279,6 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     on_gpu = device.type == "cuda"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)  # timm's Mixup draws from numpy's global generator
     if not on_gpu:
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
 
@@ -294,6 +306,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.task != "segmentation":
             weights = imbalance_weights(cfg.task, train_targets, n_out).to(device)
     loss_fn = make_loss(cfg.task, weights, cfg.train.label_smoothing)
+    mix = make_mixup(cfg, len(classes))
     sampler = ShardedSampler(len(train_records), rank, world, cfg.train.seed,
                              sample_weights(cfg.task, train_targets)
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
@@ -333,7 +346,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss, seen = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, pre, device, bf16)
+        train_loss, seen = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, cfg, pre, device, bf16,
+                                       mix)
         elapsed = time.perf_counter() - started
         if not math.isfinite(train_loss):  # before validation, whose metrics cannot take NaN scores
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: train_loss {train_loss} "
@@ -364,13 +378,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, cfg: Config, pre: model_io.Preprocess, device,
-                bf16: bool):
+                bf16: bool, mix=None):
     model.train()
     total, seen = 0.0, 0
     accum = cfg.train.accum_steps
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         x, y = model_io.model_input(x.to(device, non_blocking=True), pre), y.to(device, non_blocking=True)
+        if mix is not None and len(x) % 2 == 0:  # timm mixes a batch with its reverse: pairs needed
+            x, y = mix(x, y)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model(x), y)
         (loss / accum).backward()

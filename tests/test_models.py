@@ -175,3 +175,30 @@ def test_label_smoothing_softens_the_multiclass_loss():
     assert soft > hard + 0.1   # a confident right answer is still penalised towards the smoothed target
     with pytest.raises(config.ConfigError, match="label_smoothing"):
         cfg_for("train.label_smoothing=0.9")
+
+
+def test_mixup_blends_image_pairs_and_their_labels():
+    assert train.make_mixup(cfg_for("task=multiclass"), 3) is None
+    np.random.seed(0)
+    mix = train.make_mixup(cfg_for("task=multiclass", "train.mixup=1.0"), 3)
+    x = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    mixed, target = mix(x.clone(), torch.tensor([0, 2]))
+    lam = float(target[0, 0])  # image 0 keeps lam of itself and takes 1 - lam of image 1 (its reverse)
+    assert 0 < lam < 1 and torch.allclose(target.sum(1), torch.ones(2))
+    assert torch.allclose(target, torch.tensor([[lam, 0, 1 - lam], [1 - lam, 0, lam]]))
+    assert torch.allclose(mixed[0], torch.full((1, 4, 4), 1 - lam))
+    loss = train.make_loss("multiclass", None, 0.1)(torch.randn(2, 3), target)  # probabilities are taken as such
+    assert torch.isfinite(loss)
+    # and in the epoch loop: a pair of uint8 images and labels through train_epoch, mixed there
+    cfg = cfg_for("task=multiclass", "model.name=simple_cnn", "train.mixup=1.0", "input.size=[16,16]")
+    model = models.build_model(cfg, 3)
+    seen = []
+    loss_fn = lambda logits, y: (seen.append(y), train.make_loss("multiclass", None)(logits, y))[1]  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = (torch.randint(0, 255, (2, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 2]))
+    train.train_epoch(model, [batch], loss_fn, optimizer, scheduler, cfg, models.preprocess_for(cfg),
+                      torch.device("cpu"), False, train.make_mixup(cfg, 3))
+    assert seen[0].shape == (2, 3) and seen[0][0, 1] == 0 and 0 < seen[0][0, 0] < 1
+    with pytest.raises(config.ConfigError, match="train.mixup"):
+        cfg_for("task=binary", "train.cutmix=1.0")
