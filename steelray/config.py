@@ -69,6 +69,8 @@ class InputConfig:
                                    # +-30% brightness/contrast, blur, noise, under-exposure (the field)
     normalize: Literal["dataset", "image"] = "dataset"  # dataset: fixed mean/std (the model's own);
                                    # image: each image to zero mean, unit std (robust to lighting)
+    turns: bool = True                      # medium/strong/robust turn square images by 90 degrees; false
+                                   # keeps the rolling direction (then score.tta flips, not dihedral)
 
 
 @dataclass

@@ -15,9 +15,10 @@ from steelray.model_io import Preprocess  # noqa: E402
 PRESETS = ("none", "light", "medium", "strong", "robust")
 
 
-def build(pre: Preprocess, augment: str = "none") -> A.Compose:
+def build(pre: Preprocess, augment: str = "none", turns: bool = True) -> A.Compose:
     """Training's pipeline: ``pipeline(image=HxWxC uint8[, mask=HxWxK])`` -> the same, augmented;
-    a random crop first where ``pre.crop`` is set (the image is then taken at full resolution)."""
+    a random crop first where ``pre.crop`` is set (the image is then taken at full resolution).
+    ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation."""
     if augment not in PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(PRESETS)}")
     steps: list = []
@@ -25,7 +26,7 @@ def build(pre: Preprocess, augment: str = "none") -> A.Compose:
         ch, cw = pre.crop
         steps += [A.PadIfNeeded(ch, cw), A.RandomCrop(ch, cw)]
     size = pre.crop or pre.size
-    steps += _augmentations(augment, square=size[0] == size[1])
+    steps += _augmentations(augment, turn=turns and size[0] == size[1])
     return A.Compose(steps)
 
 
@@ -36,7 +37,7 @@ def underexposure(p: float) -> A.OneOf:
                     A.RandomGamma(gamma_limit=(150, 300), p=0.5)], p=p)
 
 
-def _augmentations(preset: str, square: bool) -> list:
+def _augmentations(preset: str, turn: bool) -> list:
     if preset == "none":
         return []
     out = [A.HorizontalFlip()]
@@ -48,7 +49,7 @@ def _augmentations(preset: str, square: bool) -> list:
         if robust:
             out += [A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 2.0), p=0.25),
                     A.GaussNoise(std_range=(0.02, 0.1), p=0.25), underexposure(p=0.4)]
-        if square:
+        if turn:
             out.append(A.RandomRotate90())
     if preset == "strong":
         out += [A.CLAHE(p=0.3), A.Affine(scale=(0.9, 1.1), translate_percent=0.05, rotate=(-5, 5), p=0.5),

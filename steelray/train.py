@@ -150,9 +150,9 @@ class SheetDataset(Dataset):
     by ``model_io.model_input``."""
 
     def __init__(self, records: list[dict], task: str, pre: model_io.Preprocess, augment: str = "none",
-                 s3=None, train: bool = False):
+                 s3=None, train: bool = False, turns: bool = True):
         self.records, self.task, self.pre, self.s3 = records, task, pre, s3
-        self.transform = presets.build(pre, augment) if train else None
+        self.transform = presets.build(pre, augment, turns) if train else None
         self.resize = not (train and pre.crop)
 
     def __len__(self) -> int:
@@ -312,7 +312,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
     loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
-        SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True),
+        SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns),
         batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers,
         pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
     val_loader = DataLoader(SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),

@@ -98,6 +98,19 @@ def test_augmentation_moves_masks_with_the_image(preset):
     assert compared >= 10
 
 
+def test_turns_off_keeps_the_rolling_direction():
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,))
+    image = np.full((32, 32, 1), 40, np.uint8)
+    image[:, 8:12] = 220  # a streak along the rolling direction (top to bottom)
+    for turns, expect in ((False, {"along"}), (True, {"along", "across"})):
+        pipeline, seen = presets.build(pre, "medium", turns), set()
+        for seed in range(30):
+            pipeline.set_random_seed(seed)
+            x = pipeline(image=image)["image"][..., 0].astype(float)
+            seen.add("along" if x.mean(axis=0).std() > x.mean(axis=1).std() else "across")
+        assert seen == expect, f"turns={turns}: saw the streak {seen}"
+
+
 @pytest.mark.parametrize("normalize", ["dataset", "image"])
 def test_model_input_normalises_as_albumentations_does(normalize):
     """``model_io.model_input`` (training, evaluation and scoring, on the device) against
