@@ -58,6 +58,9 @@ def main(argv=None) -> int:
 
         train.target_metric(cfg)
         crossval.cv_config(cfg)
+        if "dihedral" in args.evaluate and not cfg.input.turns:  # refused now, not after hours of training
+            raise config.ConfigError("--evaluate dihedral: input.turns is false, so the fold models never see "
+                                     "a turned image (evaluate with flips)")
     except (config.ConfigError, FileNotFoundError) as e:
         print(f"crossval: {e}", file=sys.stderr)
         return cli.BAD_ARGUMENTS

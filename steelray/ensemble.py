@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from steelray import onnx_model, storage
+from steelray import model_io, onnx_model, storage
 from steelray.storage import S3Config
 
 FILE = "ensemble.json"
@@ -65,6 +65,9 @@ def meta(uri: str, s3: S3Config | None = None) -> dict:
     names = [m["model"]["name"] for m in metas]
     model = {**first["model"], "name": f"ensemble of {len(members)} ({', '.join(sorted(set(names)))})"}
     out = {**first, "model": model, "thresholds": spec["thresholds"], "ensemble": members, "epoch": None, "metrics": {}}
+    if "config" in first:  # turned only if every member's training turned its images (model_io.trained_turned)
+        turned = all(model_io.trained_turned(m) for m in metas)
+        out["config"] = {**first["config"], "input": {**first["config"].get("input", {}), "turns": turned}}
     out.pop("export", None)
     out.pop("min_area", None)  # the ensemble's own, once calibrated on its averaged masks
     if spec.get("min_area"):

@@ -88,7 +88,8 @@ def run(job: config.EvaluateJob) -> Evaluation:
                               "exported with; calibrate its checkpoint (--write-thresholds there) and export again")
     meta = predict.read_meta(job.evaluate.checkpoint, job.s3)
     try:
-        model_io.check_tta(job.evaluate.tta, model_io.Preprocess.from_dict(meta["preprocess"]), "evaluate.tta")
+        model_io.check_tta(job.evaluate.tta, model_io.Preprocess.from_dict(meta["preprocess"]), "evaluate.tta",
+                           model_io.trained_turned(meta))
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     cfg = labelled_set_config(meta, job)

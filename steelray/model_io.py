@@ -182,13 +182,22 @@ def unview(y, v: tuple[bool, bool, bool]):
     return _transpose(y, 2, 3) if t else y
 
 
-def check_tta(mode: str, pre: Preprocess, name: str) -> None:
-    """Raise ValueError where ``mode`` cannot apply to a model with input ``pre`` (``name`` says whose)."""
+def trained_turned(meta: dict) -> bool:
+    """Whether training turned the model's images by 90 degrees (``input.turns``; true before it existed)."""
+    return bool(meta.get("config", {}).get("input", {}).get("turns", True))
+
+
+def check_tta(mode: str, pre: Preprocess, name: str, turned: bool = True) -> None:
+    """Raise ValueError where ``mode`` cannot apply to a model with input ``pre`` (``name`` says whose);
+    ``turned``: its training turned images (``trained_turned``), without which dihedral is refused."""
     if mode not in TTA_VIEWS:
         raise ValueError(f"{name}: tta {mode!r} is not one of {', '.join(TTA_VIEWS)}")
     if mode == "dihedral" and pre.size[0] != pre.size[1]:
         raise ValueError(f"{name}: tta dihedral turns images by 90 degrees, which needs a square input; "
                          f"this model's is {pre.size[0]}x{pre.size[1]} (use flips)")
+    if mode == "dihedral" and not turned:
+        raise ValueError(f"{name}: tta dihedral turns images by 90 degrees, and this model was trained "
+                         "without turns (input.turns: false), so it never saw a turned image (use flips)")
 
 
 def with_tta(run, x, mode: str, rows: int, segmenter: bool):

@@ -154,13 +154,31 @@ def test_tta_leaves_a_symmetric_model_unchanged_and_moves_one_that_is_not(neu_re
     assert np.abs(probs["plain", "dihedral"] - probs["plain", "flips"]).max() > 1e-3
 
 
-def test_tta_dihedral_needs_a_square_input(tmp_path):
+def test_tta_dihedral_needs_a_square_input_and_a_model_trained_with_turns(neu_synth, tmp_path):
+    def plan(model, tta="dihedral"):
+        return make_plan(config.load(None, [f"score.checkpoint={model}", f"score.tta={tta}"], config.ScoreJob).score,
+                         None)
+
     cfg = config.load(None, ["task=multilabel", "model.name=simple_cnn", "input.size=[32,64]", "data.format=severstal"])
-    checkpoint.write(str(tmp_path), models.build_model(cfg, 4),
+    checkpoint.write(str(tmp_path / "wide"), models.build_model(cfg, 4),
                      checkpoint.make_meta(cfg, list(data.SEVERSTAL_CLASSES), models.preprocess_for(cfg)))
     with pytest.raises(ScoreError, match="tta dihedral turns images by 90 degrees, which needs a square input"):
-        make_plan(config.load(None, [f"score.checkpoint={tmp_path}", "score.tta=dihedral"], config.ScoreJob).score,
-                  None)
+        plan(tmp_path / "wide")
+    _, square, manifest, (a, _) = neu_synth
+    unturned = config.load(NEU, [f"data.root={square.data.root}", "model.name=simple_cnn", "input.size=[48,48]",
+                                 "input.turns=false"])
+    checkpoint.write(str(tmp_path / "unturned"), models.build_model(unturned, 6),
+                     checkpoint.make_meta(unturned, manifest.classes, models.preprocess_for(unturned)))
+    ensemble.write(str(tmp_path / "mixed"), [str(a), str(tmp_path / "unturned")])
+    for model in (tmp_path / "unturned", tmp_path / "mixed"):
+        with pytest.raises(ScoreError, match="trained without turns .input.turns: false.*use flips"):
+            plan(model)
+        assert plan(model, "flips").primary.tta == "flips"
+    for model in ("unturned", "mixed"):  # the mixed ensemble's first member was trained with turns
+        job = config.load(None, [f"evaluate.checkpoint={tmp_path / model}", "evaluate.tta=dihedral"], config.EvaluateJob)
+        with pytest.raises(evaluate.EvaluationError, match="evaluate.tta: .*trained without turns"):
+            evaluate.run(job)
+    assert plan(a).primary.tta == "dihedral"  # trained with turns (the default)
 
 
 def test_evaluation_with_tta_sees_what_scoring_with_tta_sees(neu_synth):

@@ -302,10 +302,13 @@ def test_crossval_ensembles_only_sweeps_of_the_same_folds(tmp_path):
     assert not list(tmp_path.glob("a/ensemble-*/fold-*/ensemble.json"))  # refused before any ensemble is written
 
 
-def test_crossval_needs_folds():
-    from steelray import crossval
+def test_crossval_needs_folds_and_turns_for_dihedral_tta(load_job, capsys):
+    from steelray import cli, crossval
 
     with pytest.raises(config.ConfigError, match="data.folds: cross-validation needs >= 2 folds, got 0"):
         crossval.cv_config(config.load(NEU, []))
+    main = load_job("crossval").main  # refused before Ray starts
+    assert main(["--config", NEU, "data.folds=2", "input.turns=false", "--evaluate", "none,dihedral"]) == cli.BAD_ARGUMENTS
+    assert "--evaluate dihedral: input.turns is false" in capsys.readouterr().err
     with pytest.raises(config.ConfigError, match="sweeping folds needs data.folds >= 2"):
         config.load(NEU, ["tune.space={data.fold: {grid: [0, 1]}}", "tune.search=grid"])

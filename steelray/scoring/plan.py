@@ -105,7 +105,7 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
         decision += f"tta={tta}".encode()
     preprocess = Preprocess.from_dict(meta["preprocess"])
     try:
-        model_io.check_tta(tta, preprocess, f"score.tta for {uri}")
+        model_io.check_tta(tta, preprocess, f"score.tta for {uri}", model_io.trained_turned(meta))
     except ValueError as e:
         raise ScoreError(str(e)) from None
     return ModelInfo(uri=uri, task=task, classes=classes, thresholds=thresholds,
