@@ -54,7 +54,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.lr=3e-4")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date-like text that is no date (2026-13-01)
         value = text
     node = raw
     parts = key.split(".")

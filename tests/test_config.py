@@ -88,7 +88,19 @@ def test_score_job_config(tmp_path):
     assert (job.score.run_date, job.score.batch_size, job.score.suffixes) == ("2026-11-22", 64, [".jpg"])
     with pytest.raises(config.ConfigError, match=r"score.run_date: expected YYYY-MM-DD, got '22/11/2026'"):
         config.load(None, ["score.run_date=22/11/2026"], config.ScoreJob)
+    with pytest.raises(config.ConfigError, match=r"score.run_date: expected YYYY-MM-DD, got '2026-13-01'"):
+        config.load(None, ["score.run_date=2026-13-01"], config.ScoreJob)  # YAML's date reader raised ValueError
+    path.write_text("score:\n  run_date: 2026-02-30\n")
+    with pytest.raises(config.ConfigError, match=r"score.yaml: not valid YAML: day is out of range"):
+        config.load(str(path), [], config.ScoreJob)
     with pytest.raises(config.ConfigError, match="score.expect_size"):
         config.load(None, ["score.expect_size=[256]"], config.ScoreJob)
     with pytest.raises(config.ConfigError, match="score.device: 'tpu' is not a valid choice"):
         config.load(None, ["score.device=tpu"], config.ScoreJob)
+    with pytest.raises(config.ConfigError, match=r"score.min_area: must be >= 0 per class, got \[-1\]"):
+        config.load(None, ["score.min_area=[-1]"], config.ScoreJob)
+    # the other jobs' own rules (job_configs: each *Job's check)
+    with pytest.raises(config.ConfigError, match=r"synth.class_freq: 4 relative frequencies .*not all 0"):
+        config.load(None, ["synth.class_freq=[0,0,0,0]"], config.SynthJob)
+    with pytest.raises(config.ConfigError, match="report.night: expected YYYY-MM-DD, got 'yesterday'"):
+        config.load(None, ["report.night=yesterday"], config.NightReportJob)
