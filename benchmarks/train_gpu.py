@@ -2,7 +2,7 @@
 
     python benchmarks/train_gpu.py [--n 1024] [--batch 32] [--loader-workers 14]
 
-Runs the training worker's own pieces (``train.SheetDataset`` with the ``light`` preset in DataLoader
+Runs the training worker's own pieces (``train_data.SheetDataset`` with the ``light`` preset in DataLoader
 processes, ``train.train_epoch`` with bf16 autocast and channels_last) in one process, without Ray
 Train around it: the figure is what one Ray Train GPU worker's loop can do. Also times the same
 steps on one batch already on the GPU, to show whether the data path or the model is the limit.
@@ -20,7 +20,7 @@ import time
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from steelray import config, data, models, synth, train  # noqa: E402
+from steelray import config, data, models, synth, train, train_data  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +39,11 @@ def main() -> None:
         f"data.root={written.root}", f"model.name={args.model}", "input.size=[256,1600]", "input.crop=[]",
         "input.augment=light", f"train.batch_size={args.batch}", "data.verify_images=false"])
     manifest = data.build_manifest(cfg)
-    records = train.records(manifest, cfg.task)
+    records = train_data.records(manifest, cfg.task)
     pre = models.preprocess_for(cfg)
     device = torch.device("cuda")
     model = models.build_model(cfg, len(manifest.classes)).to(device).to(memory_format=torch.channels_last)
-    loader = DataLoader(train.SheetDataset(records, cfg.task, pre, "light", train=True),
+    loader = DataLoader(train_data.SheetDataset(records, cfg.task, pre, "light", train=True),
                         batch_size=args.batch, shuffle=True, num_workers=args.loader_workers, pin_memory=True,
                         drop_last=True, persistent_workers=True)
     loss_fn = train.make_loss(cfg.task, None)

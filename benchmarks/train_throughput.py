@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from steelray import config, data, models, synth, train  # noqa: E402
+from steelray import config, data, models, synth, train, train_data  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "neu-det"
 
@@ -31,10 +31,10 @@ def plain_loop(cfg: config.Config, manifest: data.Manifest, epochs: int, threads
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     train_m, _ = data.split(manifest, cfg.data)
-    records = train.records(train_m, cfg.task)
+    records = train_data.records(train_m, cfg.task)
     pre = models.preprocess_for(cfg)
     model = models.build_model(cfg, len(manifest.classes))
-    loader = DataLoader(train.SheetDataset(records, cfg.task, pre, cfg.input.augment, train=True), batch_size=cfg.train.batch_size, shuffle=True,
+    loader = DataLoader(train_data.SheetDataset(records, cfg.task, pre, cfg.input.augment, train=True), batch_size=cfg.train.batch_size, shuffle=True,
                         num_workers=0, drop_last=True)
     loss_fn = train.make_loss(cfg.task, None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)

@@ -2,7 +2,8 @@
 
 ``fit(cfg)`` builds the manifest once on the driver, splits it, and hands each worker the records;
 every worker reads only its own shard of images (a distributed sampler over the manifest, images
-fetched lazily by URI from disk or S3) with decoding and augmentation in DataLoader processes.
+fetched lazily by URI from disk or S3) with decoding and augmentation in DataLoader processes
+(``steelray.train_data``).
 Rank 0 validates, writes the checkpoint and the metrics file; every rank reports.
 """
 
@@ -18,10 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from steelray import (checkpoint, cluster, config, data, images, metrics, model_io, models, presets, rle, storage,
-                      tracking)
+from steelray import checkpoint, cluster, config, data, metrics, model_io, models, storage, tracking, train_data
 from steelray.config import Config
 
 log = logging.getLogger(__name__)  # worker-side progress: Ray Train routes it to the console and job logs
@@ -56,7 +56,8 @@ def prepare(cfg: Config, manifest: data.Manifest | None = None) -> Prepared:
     and split it as ``cfg.data`` says."""
     manifest = data.build_manifest(cfg) if manifest is None else manifest
     train_m, val_m = data.split(manifest, cfg.data)
-    return Prepared(manifest.classes, records(train_m, cfg.task), records(val_m, cfg.task), manifest.summary())
+    return Prepared(manifest.classes, train_data.records(train_m, cfg.task), train_data.records(val_m, cfg.task),
+                    manifest.summary())
 
 
 def fit(cfg: Config, prepared: Prepared | None = None, callbacks=(), parent: dict | None = None) -> TrainResult:
@@ -133,97 +134,6 @@ def target_metric(cfg: Config) -> str:
         raise config.ConfigError(f"train.metric: {metric!r} is not reported for {cfg.task}; "
                                  f"choose one of: {', '.join(valid)}")
     return metric
-
-
-def records(m: data.Manifest, task: str) -> list[dict]:
-    targets = m.targets(task)
-    return [{"image_id": r.image_id, "uri": r.uri, "target": t.tolist() if hasattr(t, "tolist") else t,
-             "rles": list(r.rles) if r.rles is not None else None}
-            for r, t in zip(m.records.itertuples(), targets)]
-
-
-# --- data on the workers ------------------------------------------------------------------------
-
-class SheetDataset(Dataset):
-    """Images read lazily by URI, decoded, resized (or, in training with ``input.crop``, randomly
-    cropped) and augmented in the DataLoader's processes; uint8 CxHxW out, normalised on the device
-    by ``model_io.model_input``."""
-
-    def __init__(self, records: list[dict], task: str, pre: model_io.Preprocess, augment: str = "none",
-                 s3=None, train: bool = False, turns: bool = True):
-        self.records, self.task, self.pre, self.s3 = records, task, pre, s3
-        self.transform = presets.build(pre, augment, turns) if train else None
-        self.resize = not (train and pre.crop)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        r = self.records[i]
-        image = images.load_image(r["uri"], self.pre.in_chans, self.s3)
-        masks = None
-        if self.task == "segmentation":
-            masks = np.stack([rle.decode(x, image.shape[:2]) for x in r["rles"]], axis=-1).astype(np.uint8)
-        if self.resize:
-            image = model_io.resize(image, self.pre.size)
-            masks = None if masks is None else model_io.resize_mask(masks, self.pre.size)
-        if self.transform is not None:
-            out = self.transform(image=image, **({} if masks is None else {"mask": masks}))
-            image, masks = out["image"], out.get("mask")
-        if masks is not None:
-            return model_io.to_chw(image), torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1),
-                                                                                 dtype=np.float32))
-        dtype = torch.long if self.task == "multiclass" else torch.float32
-        return model_io.to_chw(image), torch.tensor(r["target"], dtype=dtype)
-
-
-class ShardedSampler(Sampler):
-    """This rank's share of an epoch: a seeded permutation (or, for imbalance=sampler, a seeded
-    weighted draw with replacement) split across ranks, the same length on every rank."""
-
-    def __init__(self, n: int, rank: int, world: int, seed: int, weights: np.ndarray | None = None):
-        self.n, self.rank, self.world, self.seed, self.weights = n, rank, world, seed, weights
-        self.epoch = 0
-        self.per_rank = math.ceil(n / world)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        total = self.per_rank * self.world
-        if self.weights is None:
-            order = torch.randperm(self.n, generator=g)
-            order = torch.cat([order, order[: total - self.n]])  # pad so every rank gets as many
-        else:
-            order = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), total, True, generator=g)
-        return iter(order[self.rank::self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-def imbalance_weights(task: str, targets: np.ndarray, num_outputs: int):
-    """pos_weight (BCE: negatives/positives per class, clipped to [1, 100]) or class weights
-    (cross-entropy: inverse frequency, mean 1)."""
-    if task == "multiclass":
-        counts = np.bincount(targets, minlength=num_outputs).astype(float)
-        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_outputs, 1.0)
-        return torch.tensor(w, dtype=torch.float32)
-    t = targets.reshape(len(targets), -1)
-    pos = t.sum(axis=0)
-    return torch.tensor(np.clip((len(t) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32)
-
-
-def sample_weights(task: str, targets: np.ndarray) -> np.ndarray:
-    """Per-image weights for imbalance=sampler: inverse frequency of the image's rarest label."""
-    if task == "multiclass":
-        counts = np.bincount(targets)
-        return 1.0 / counts[targets]
-    t = targets.reshape(len(targets), -1)
-    freq = np.concatenate([t, (t.sum(axis=1, keepdims=True) == 0)], axis=1)  # 'no defect' counts too
-    per_label = freq.sum(axis=0)
-    return np.array([1.0 / per_label[row > 0].min() for row in freq])
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -304,18 +214,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     weights = None
     if cfg.train.imbalance == "pos_weight" or (cfg.train.imbalance != "none" and cfg.task == "multiclass"):
         if cfg.task != "segmentation":
-            weights = imbalance_weights(cfg.task, train_targets, n_out).to(device)
+            weights = train_data.imbalance_weights(cfg.task, train_targets, n_out).to(device)
     loss_fn = make_loss(cfg.task, weights, cfg.train.label_smoothing)
     mix = make_mixup(cfg, len(classes))
-    sampler = ShardedSampler(len(train_records), rank, world, cfg.train.seed,
-                             sample_weights(cfg.task, train_targets)
+    sampler = train_data.ShardedSampler(len(train_records), rank, world, cfg.train.seed,
+                             train_data.sample_weights(cfg.task, train_targets)
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
     loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
-        SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns),
+        train_data.SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns),
         batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers,
         pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
-    val_loader = DataLoader(SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),
+    val_loader = DataLoader(train_data.SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),
                             batch_size=cfg.train.batch_size, num_workers=loader_workers)
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -131,12 +131,12 @@ def _train_tiny(cfg, manifest, steps=60):
     """A tiny model trained in-process (no Ray): enough to be right on most images."""
     from torch.utils.data import DataLoader
 
-    from steelray import train
+    from steelray import train, train_data
 
     torch.manual_seed(0)
     model = models.build_model(cfg, len(manifest.classes))
     pre = models.preprocess_for(cfg)
-    ds = train.SheetDataset(train.records(manifest, cfg.task), cfg.task, pre)
+    ds = train_data.SheetDataset(train_data.records(manifest, cfg.task), cfg.task, pre)
     loader = DataLoader(ds, batch_size=8, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = train.make_loss(cfg.task, None)

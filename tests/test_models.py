@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from steelray import config, model_io, models, presets, train
+from steelray import config, model_io, models, presets, train, train_data
 from steelray.models import ModelError
 
 
@@ -162,22 +162,22 @@ def test_warmup_then_cosine():
 
 
 def test_sharded_sampler_splits_an_epoch_across_ranks():
-    shards = [list(train.ShardedSampler(10, r, 3, seed=1)) for r in range(3)]
+    shards = [list(train_data.ShardedSampler(10, r, 3, seed=1)) for r in range(3)]
     assert all(len(s) == 4 for s in shards)
     assert set(sum(shards, [])) == set(range(10))
-    again = list(train.ShardedSampler(10, 0, 3, seed=1))
+    again = list(train_data.ShardedSampler(10, 0, 3, seed=1))
     assert again == shards[0]
-    s = train.ShardedSampler(10, 0, 3, seed=1)
+    s = train_data.ShardedSampler(10, 0, 3, seed=1)
     s.set_epoch(1)
     assert list(s) != shards[0]
 
 
 def test_imbalance_weights():
-    pos = train.imbalance_weights("multilabel", np.array([[1, 0], [0, 0], [0, 0], [0, 1]]), 2)
+    pos = train_data.imbalance_weights("multilabel", np.array([[1, 0], [0, 0], [0, 0], [0, 1]]), 2)
     assert pos.tolist() == [3.0, 3.0]
-    cls = train.imbalance_weights("multiclass", np.array([0, 0, 0, 1]), 2)
+    cls = train_data.imbalance_weights("multiclass", np.array([0, 0, 0, 1]), 2)
     assert cls[1] > cls[0]
-    w = train.sample_weights("multiclass", np.array([0, 0, 0, 1]))
+    w = train_data.sample_weights("multiclass", np.array([0, 0, 0, 1]))
     assert w[3] == pytest.approx(3 * w[0])
 
 
