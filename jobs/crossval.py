@@ -97,6 +97,8 @@ def main(argv=None) -> int:
             if "wrong" in ev["out_of_fold"]:
                 o = ev["out_of_fold"]
                 print(f"  out of fold: {o['wrong']} of {o['images']} images wrong, accuracy {o['accuracy']:.4f}")
+                for w in o["wrong_images"]:
+                    print(f"    fold {w['fold']}: {w['image_id']} ({w['label']}) taken for {w['predicted']}")
     # the kept models' figure (each fold's last epoch): best_* was chosen on the images it is measured on
     m = result["aggregate"].get(f"last_{result['metric']}")
     print(f"{result['metric']} of the kept (last-epoch) models over {m['folds'] if m else 0} of {result['folds']} "

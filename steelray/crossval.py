@@ -106,10 +106,11 @@ def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = 
         result.update(sweeps=sweeps, members=len(sweeps))
     for mode in tta:
         rows = [_fold_figures(fold, checkpoint, mode, s3) for fold, checkpoint in enumerate(models)]
-        folds = pd.DataFrame(rows)
+        folds = pd.DataFrame([{k: v for k, v in r.items() if k != "wrong_images"} for r in rows])
         pooled = {"images": int(folds.images.sum())}
         if "wrong" in folds:
-            pooled.update(wrong=int(folds.wrong.sum()), accuracy=1 - folds.wrong.sum() / folds.images.sum())
+            pooled.update(wrong=int(folds.wrong.sum()), accuracy=1 - folds.wrong.sum() / folds.images.sum(),
+                          wrong_images=[{"fold": r["fold"], **w} for r in rows for w in r["wrong_images"]])
         result["tta"][mode] = {"per_fold": rows, "out_of_fold": pooled,
                                "aggregate": aggregate(folds, ("accuracy", "macro_f1", "wrong", "drop_"))}
     result["written_to"] = storage.join(out, "evaluation.json")
@@ -150,8 +151,9 @@ def _fold_figures(fold: int, checkpoint: str, tta: str, s3: config.S3Config) -> 
     images = len(ev.manifest)
     row = {"fold": fold, "checkpoint": checkpoint, "epoch": ev.meta.get("epoch"), "images": images}
     row.update({k: float(ev.before[k]) for k in ("accuracy", "macro_f1") if k in ev.before})
-    if "accuracy" in row:
-        row["wrong"] = int(round((1 - row["accuracy"]) * images))
+    if ev.probs is not None:  # classifiers: which images, and taken for what
+        row["wrong_images"] = ev.wrong_images()
+        row["wrong"] = len(row["wrong_images"])
     row.update({f"drop_{name}": float(r["drop"]) for name, r in ev.robustness["conditions"].items()})
     return row
 

@@ -61,6 +61,21 @@ class Evaluation:
     def metric(self) -> str:
         return "dice" if self.task == "segmentation" else "macro_f1"
 
+    def wrong_images(self) -> list[dict]:
+        """A classifier's mistakes at the checkpoint's own decision (``metrics.decide``): image id,
+        label and prediction, by class name ("+"-joined for several labels, "none" for none)."""
+        pred = metrics.decide(self.task, self.probs, self.meta["thresholds"])
+        truth = np.asarray(self.targets)
+        if self.task == "multiclass":
+            named = [(self.classes[t], self.classes[p]) for t, p in zip(truth, pred)]
+        else:
+            def name(row):
+                return "+".join(c for c, v in zip(self.classes, np.atleast_1d(row)) if v) or "none"
+
+            named = [(name(t), name(p)) for t, p in zip(truth, pred)]
+        return [{"image_id": i, "label": t, "predicted": p}
+                for i, (t, p) in zip(self.manifest.records.image_id, named) if t != p]
+
     def summary(self) -> dict:
         counts = self.manifest.class_counts()
         return {

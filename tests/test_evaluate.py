@@ -53,6 +53,25 @@ def test_decision_rule_argmax_unless_a_class_threshold_is_reached():
     assert metrics.decide("multilabel", probs, [0.5, 0.2, 0.5]).tolist() == [[1, 1, 0], [0, 0, 1]]
 
 
+def test_wrong_images_at_the_models_own_decision_by_hand():
+    from types import SimpleNamespace
+
+    def wrong(task, probs, targets, classes, thresholds):
+        ev = SimpleNamespace(task=task, probs=np.array(probs), targets=np.array(targets), classes=classes,
+                             meta={"thresholds": thresholds},
+                             manifest=SimpleNamespace(records=pd.DataFrame({"image_id": ["p", "q"]})))
+        return evaluate.Evaluation.wrong_images(ev)
+
+    probs = [[0.6, 0.3, 0.1], [0.2, 0.15, 0.65]]
+    assert wrong("multiclass", probs, [0, 2], ["a", "b", "c"], [0.5] * 3) == []
+    assert wrong("multiclass", probs, [0, 2], ["a", "b", "c"], [0.5, 0.2, 0.5]) == [  # b's own threshold wins
+        {"image_id": "p", "label": "a", "predicted": "b"}]
+    assert wrong("multilabel", probs, [[1, 1, 0], [0, 0, 0]], ["1", "2", "3"], [0.5, 0.2, 0.5]) == [
+        {"image_id": "q", "label": "none", "predicted": "3"}]
+    assert wrong("binary", [0.9, 0.4], [0, 0], ["defect"], [0.5]) == [
+        {"image_id": "p", "label": "none", "predicted": "defect"}]
+
+
 def test_lighting_conditions_by_hand():
     """glare: 0.7x + 76.5 (no clipping); dim: 0.7x; crushed: 0.7x - 76.5 clipped at 0."""
     x = np.array([[0, 50, 100, 150, 200, 255]], np.uint8)[..., None]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steelray import checkpoint, config, synth, tune
+from steelray import checkpoint, config, data, synth, tune
 
 NEU = "jobs/configs/neu.yaml"
 SMALL = ["model.name=simple_cnn", "input.size=[48,48]", "input.augment=none", "train.loader_workers=0",
@@ -259,7 +259,10 @@ def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_sprea
         rows = pd.DataFrame(ev["per_fold"])
         assert rows.fold.tolist() == [0, 1] and rows.checkpoint.tolist() == folds.checkpoint.tolist()
         assert rows.images.sum() == ev["out_of_fold"]["images"] == 6 * 6  # every image once, by the fold that held it out
-        assert ev["out_of_fold"]["wrong"] == rows.wrong.sum()
+        assert ev["out_of_fold"]["wrong"] == rows.wrong.sum() == len(ev["out_of_fold"]["wrong_images"])
+        for row in ev["per_fold"]:  # which images, each one of this fold's and taken for another class
+            assert len(row["wrong_images"]) == row["wrong"] == round((1 - row["accuracy"]) * row["images"])
+            assert all(w["label"] != w["predicted"] and w["label"] in data.NEU_CLASSES for w in row["wrong_images"])
         assert ev["aggregate"]["accuracy"]["mean"] == pytest.approx(rows.accuracy.mean())
         assert {"drop_glare", "drop_crushed", "drop_noise"} <= ev["aggregate"].keys()
         if mode == "none":  # without TTA: the figures training reported at the kept (last) epoch
