@@ -53,8 +53,9 @@ def on_outer(checkpoint: str, out: str, classes: list[str], in_chans: int, tta: 
                              data={k[len("data."):]: v for k, v in labelled.items()})
     ev = evaluate.run(job)
     n = len(ev.manifest)
+    wrong = ev.wrong_images()
     return {"images": n, "accuracy": ev.before["accuracy"], "macro_f1": ev.before["macro_f1"],
-            "wrong": int(round((1 - ev.before["accuracy"]) * n))}
+            "wrong": len(wrong), "wrong_images": [f"{w['image_id']} -> {w['predicted']}" for w in wrong]}
 
 
 def main() -> int:
