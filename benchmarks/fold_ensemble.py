@@ -19,11 +19,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from steelray import config, crossval, data, ensemble, evaluate  # noqa: E402
+from steelray import config, config_loader, crossval, data, ensemble, evaluate  # noqa: E402
 
 
 def image_lists(cfg: config.Config, out: str, outer_fold: int) -> tuple[list[str], list[str]]:
@@ -45,17 +44,21 @@ def csv_data(out: str, name: str, classes: list[str], in_chans: int) -> list[str
             f"data.in_chans={in_chans}"]
 
 
-def on_outer(checkpoint: str, out: str, classes: list[str], in_chans: int, tta: str) -> dict:
-    """``checkpoint`` (or ensemble) on every held-out image: accuracy, macro-F1, wrong images."""
-    labelled = dict(o.split("=", 1) for o in csv_data(out, "outer.csv", classes, in_chans))
+def on_outer(checkpoint: str, out: str, classes: list[str], in_chans: int, tta: str, robustness: bool) -> dict:
+    """``checkpoint`` (or ensemble) on every held-out image: accuracy, macro-F1, wrong images, and
+    (``robustness``) the macro-F1 drop under each condition of ``steelray/conditions.py``."""
+    labelled: dict = {}
+    for item in csv_data(out, "outer.csv", classes, in_chans):
+        config_loader.apply_override(labelled, item)  # the values parsed as a command line's are
     job = config.EvaluateJob(evaluate=config.EvaluateConfig(checkpoint=checkpoint, split="all", tta=tta,
-                                                            robustness=False),
-                             data={k[len("data."):]: v for k, v in labelled.items()})
+                                                            robustness=robustness),
+                             data=labelled["data"])
     ev = evaluate.run(job)
     n = len(ev.manifest)
     wrong = ev.wrong_images()
     return {"images": n, "accuracy": ev.before["accuracy"], "macro_f1": ev.before["macro_f1"],
-            "wrong": len(wrong), "wrong_images": [f"{w['image_id']} -> {w['predicted']}" for w in wrong]}
+            "wrong": len(wrong), "wrong_images": [f"{w['image_id']} -> {w['predicted']}" for w in wrong],
+            "drops": {name: round(row["drop"], 4) for name, row in ev.robustness.get("conditions", {}).items()}}
 
 
 def main() -> int:
@@ -67,6 +70,7 @@ def main() -> int:
     p.add_argument("--outer-fold", type=int, default=0)
     p.add_argument("--inner", type=int, default=4, help="folds of the inner cross-validation")
     p.add_argument("--tta", default="none,dihedral")
+    p.add_argument("--robustness", action="store_true", help="the condition passes too (drops in macro-F1)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value settings over the config (e.g. train.epochs=2)")
     args = p.parse_args()
@@ -79,25 +83,28 @@ def main() -> int:
         return 0
     inner = config.load(args.config, [*base, *csv_data(args.out, "inner.csv", classes, cfg.data.in_chans),
                                       f"data.folds={args.inner}", f"ray.storage_path={args.out}", "tune.name=inner"])
-    started = time.time()
     cv = crossval.run(inner)
     members = ensemble.fold_models(cv["sweep"])
     ens = os.path.join(args.out, "ensemble")
     ensemble.write(ens, members)
     result = {"config": args.config, "overrides": args.overrides, "outer": f"fold {args.outer_fold} of "
               f"{args.outer_folds} (seed {cfg.data.seed})", "held_out_images": sizes[1], "inner_images": sizes[0],
-              "inner_folds": args.inner, "train_seconds": round(time.time() - started), "rows": []}
+              "inner_folds": args.inner, "train_seconds": {f"inner fold {r['fold']}": r["seconds"] for r in cv["per_fold"]},
+              "rows": []}
     for tta in args.tta.split(","):
         for i, member in enumerate(members):
             result["rows"].append({"model": f"inner fold {i}", "tta": tta, **on_outer(member, args.out, classes,
-                                                                                     cfg.data.in_chans, tta)})
+                                                                                     cfg.data.in_chans, tta, args.robustness)})
         result["rows"].append({"model": f"ensemble of {len(members)}", "tta": tta,
-                               **on_outer(ens, args.out, classes, cfg.data.in_chans, tta)})
+                               **on_outer(ens, args.out, classes, cfg.data.in_chans, tta, args.robustness)})
     with open(os.path.join(args.out, "fold_ensemble.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print("| model | TTA | accuracy | macro-F1 | wrong |\n|---|---|---|---|---|")
+    conditions = list(result["rows"][0]["drops"])
+    print("| model | TTA | accuracy | macro-F1 | wrong | " + "".join(f"{c} drop | " for c in conditions)
+          + "which\n|" + "---|" * (6 + len(conditions)))
     for r in result["rows"]:
-        print(f"| {r['model']} | {r['tta']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['wrong']} of {r['images']} |")
+        print(f"| {r['model']} | {r['tta']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['wrong']} of {r['images']} | "
+              + "".join(f"{r['drops'][c]:.3f} | " for c in conditions) + ", ".join(r["wrong_images"]) + " |")
     return 0
 
 
