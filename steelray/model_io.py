@@ -31,7 +31,8 @@ class Preprocess:
     in_chans: int
     mean: tuple[float, ...]        # per channel, on a 0..1 scale (normalize "dataset")
     std: tuple[float, ...]
-    normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels)
+    normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels);
+                                   # "center": each image's own mean, the fixed std
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "crop": list(self.crop) if self.crop else None,
@@ -86,8 +87,10 @@ def normalise(x, pre: Preprocess):
     if pre.normalize == "image":  # each image to zero mean and unit std over all its pixels, clipped
         std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)
         return ((x - mean) / (std + 1e-4)).clamp(-20, 20)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255
     std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1) * 255
+    if pre.normalize == "center":  # each image's own mean (over all its pixels) off, the fixed std kept
+        return (x - x.mean(dim=(1, 2, 3), keepdim=True)) / std
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1) * 255
     return (x - mean) / std
 
 

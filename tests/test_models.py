@@ -142,6 +142,22 @@ def test_image_normalisation_removes_a_brightness_and_contrast_change():
     assert model_io.Preprocess.from_dict(pre.to_dict()) == pre
 
 
+def test_centred_normalisation_removes_stray_light_and_keeps_contrast():
+    """``normalize: center``: each image's own mean off, the fixed std kept. Stray light (an offset)
+    vanishes; a contrast change (dimming) stays, as it does for a dataset-normalised model."""
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "center")
+    image = np.random.default_rng(2).integers(40, 160, (32, 32, 1), dtype=np.uint8)
+    glare = (image.astype(np.float32) + 70).astype(np.uint8)  # stray light, no clipping
+    dim = (image.astype(np.float32) * 0.7).round().astype(np.uint8)
+    a, b, c = (model_io.model_input(model_io.to_chw(im)[None], pre).numpy() for im in (image, glare, dim))
+    assert np.abs(a - b).max() < 1e-4
+    assert np.allclose(a, (image.transpose(2, 0, 1)[None] - image.mean()) / (0.25 * 255), atol=1e-5)
+    assert np.allclose(c, 0.7 * a, atol=0.01)  # the model still sees the sheet's contrast fall
+    dataset = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "dataset")
+    d, e = (model_io.model_input(model_io.to_chw(im)[None], dataset).numpy() for im in (image, glare))
+    assert np.abs(d - e).min() > 1  # where a fixed mean leaves the whole image shifted
+
+
 def test_resize_then_model_input():
     import cv2
 
