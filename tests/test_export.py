@@ -102,6 +102,27 @@ def export_job(*overrides: str) -> config.ExportJob:
     return config.load(None, list(overrides), config.ExportJob)
 
 
+@pytest.mark.parametrize("normalize", ["dataset", "image", "center"])
+def test_each_normalisation_is_in_the_exported_graph(normalize):
+    """Each ``input.normalize`` traces into the exported graph and ONNX Runtime computes it as PyTorch
+    does, on sheets of different lighting."""
+    from steelray import model_io
+
+    pre = model_io.Preprocess((32, 32), None, 1, (0.45,), (0.22,), normalize)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    meta = {"preprocess": pre.to_dict(), "task": "multiclass", "model": {"name": "tiny"}}
+    exported = onnx_model.OnnxModel(export.to_onnx(model, meta))
+    rng = np.random.default_rng(0)
+    batch = np.stack([(rng.integers(0, 120, (32, 32, 1)) + offset).astype(np.uint8) for offset in (0, 60, 130)])
+    graph = export.Graph(model.eval(), pre, "multiclass")
+    assert export.parity(graph, exported, batch) < 1e-4
+    with torch.inference_mode():
+        probs = graph(torch.from_numpy(batch)).numpy()
+    assert np.ptp(probs, axis=0).max() > 1e-3  # the sheets are told apart: not a constant output
+
+
 def test_parity_past_the_tolerance_refuses_the_export_and_writes_no_model(neu_ckpt, tmp_path):
     with pytest.raises(export.ExportError, match="export refused: the ONNX model's probabilities differ from "
                                                  "PyTorch's by up to .* on 32 validation images"):
