@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+NORMALIZATIONS = ("dataset", "image", "center")  # what ``normalise`` knows (config's input.normalize)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """What an image goes through before the model: stored in every checkpoint, rebuilt by scoring."""
@@ -33,6 +36,11 @@ class Preprocess:
     std: tuple[float, ...]
     normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels);
                                    # "center": each image's own mean, the fixed std
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:  # e.g. a checkpoint written by a newer steelray
+            raise ValueError(f"preprocess normalize {self.normalize!r}: this steelray knows "
+                             f"{', '.join(NORMALIZATIONS)}; the model would get wrongly normalised pixels")
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "crop": list(self.crop) if self.crop else None,

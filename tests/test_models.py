@@ -158,6 +158,17 @@ def test_centred_normalisation_removes_stray_light_and_keeps_contrast():
     assert np.abs(d - e).min() > 1  # where a fixed mean leaves the whole image shifted
 
 
+def test_an_unknown_normalisation_is_refused_not_taken_for_dataset():
+    """A checkpoint whose preprocess names a normalisation this steelray lacks (a newer one wrote it)
+    is refused, naming it, rather than scored with the dataset's mean and std."""
+    meta = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "center").to_dict()
+    with pytest.raises(ValueError, match="'percentile'.*dataset, image, center"):
+        model_io.Preprocess.from_dict({**meta, "normalize": "percentile"})
+    from typing import get_args, get_type_hints
+
+    assert set(get_args(get_type_hints(config.InputConfig)["normalize"])) == set(model_io.NORMALIZATIONS)
+
+
 def test_resize_then_model_input():
     import cv2
 
