@@ -12,22 +12,19 @@ Bad input raises DataError naming the file or row and the problem (or, with
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 import os
 import posixpath
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
+from steelray import data_checks as checks
 from steelray import rle, storage
 from steelray.config import Config, DataConfig
-from steelray.images import IMAGE_SUFFIXES, SEVERSTAL_SIZE, DataError, decode_image
+from steelray.images import IMAGE_SUFFIXES, SEVERSTAL_SIZE, DataError
 from steelray.storage import S3Config
 
 log = logging.getLogger(__name__)
@@ -36,7 +33,6 @@ SEVERSTAL_CLASSES = ["1", "2", "3", "4"]
 NEU_CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 NEU_ABBREVIATIONS = {"cr": "crazing", "in": "inclusion", "pa": "patches", "ps": "pitted_surface",
                      "rs": "rolled-in_scale", "sc": "scratches"}  # NEU-CLS file names: Cr_1.bmp ...
-_MAX_LISTED = 20  # problems spelled out in one error before "... and N more"
 
 
 @dataclass
@@ -67,7 +63,7 @@ class Manifest:
             bad = [(iid, len(x)) for iid, x in zip(self.records["image_id"], labels) if len(x) != 1]
             if bad:
                 raise DataError(f"{self.source}: multiclass needs exactly one label per image; "
-                                + _listing([f"{iid} has {n}" for iid, n in bad]))
+                                + checks.listing([f"{iid} has {n}" for iid, n in bad]))
             return np.array([x[0] for x in labels], dtype=np.int64)
         raise ValueError(f"unknown task {task!r}; choose binary, multilabel, multiclass, segmentation")
 
@@ -107,7 +103,7 @@ def read_severstal(data: DataConfig, s3: S3Config | None = None) -> Manifest:
     classes = data.classes or SEVERSTAL_CLASSES
     csv_uri = storage.join(data.root, data.labels_csv or "train.csv")
     images_uri = storage.join(data.root, data.images_dir or "train_images")
-    rows = _read_csv_rows(csv_uri, s3)
+    rows = checks.read_csv_rows(csv_uri, s3)
     header = [h.strip() for h in rows[0][1]] if rows else []
     new_form, old_form = ["ImageId", "ClassId", "EncodedPixels"], ["ImageId_ClassId", "EncodedPixels"]
     if header not in (new_form, old_form):
@@ -116,11 +112,11 @@ def read_severstal(data: DataConfig, s3: S3Config | None = None) -> Manifest:
                         f"ImageId,ClassId,EncodedPixels (or the older ImageId_ClassId,EncodedPixels); "
                         f"missing column(s): {', '.join(missing)}")
 
-    problems = _Problems(data.on_bad_input, csv_uri)
+    problems = checks.Problems(data.on_bad_input, csv_uri)
     masks: dict[str, dict[int, str]] = defaultdict(dict)
     first_row: dict[tuple[str, int], int] = {}
     row_of_image: dict[str, int] = {}
-    for line, fields in _well_formed(rows, len(header), problems):
+    for line, fields in checks.well_formed(rows, len(header), problems):
         if header == new_form:
             image_id, class_id, pixels = (f.strip() for f in fields)
         else:
@@ -160,7 +156,7 @@ def read_severstal(data: DataConfig, s3: S3Config | None = None) -> Manifest:
         "labels": [sorted(masks.get(i, {})) for i in ids],
         "rles": [[masks.get(i, {}).get(c, "") for c in range(len(classes))] for i in ids],
     })
-    records = _finish(records, data, s3, problems, expected_size=SEVERSTAL_SIZE)
+    records = checks.finish(records, data, s3, problems, expected_size=SEVERSTAL_SIZE)
     return Manifest(records, list(classes), csv_uri, has_masks=True, dropped=problems.dropped)
 
 
@@ -174,7 +170,7 @@ def read_neu(data: DataConfig, s3: S3Config | None = None) -> Manifest:
     uris = storage.list_files(folder, s3, IMAGE_SUFFIXES)
     if not uris:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    problems = _Problems(data.on_bad_input, folder)
+    problems = checks.Problems(data.on_bad_input, folder)
     ids, labels = [], []
     base = folder.rstrip("/") + "/"
     for uri in uris:
@@ -191,7 +187,7 @@ def read_neu(data: DataConfig, s3: S3Config | None = None) -> Manifest:
         else:
             labels.append([classes.index(label)])
     records = pd.DataFrame({"image_id": ids, "uri": uris, "labels": labels, "rles": [None] * len(ids)})
-    records = _finish(records, data, s3, problems, dedupe=True)
+    records = checks.finish(records, data, s3, problems, dedupe=True)
     return Manifest(records, list(classes), folder, has_masks=False, dropped=problems.dropped)
 
 
@@ -200,7 +196,7 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
     label column of class names or one 0/1 column per class. An empty label means defect-free."""
     csv_uri = storage.join(data.root, data.labels_csv)
     images_uri = storage.join(data.root, data.images_dir) if data.images_dir else data.root
-    rows = _read_csv_rows(csv_uri, s3)
+    rows = checks.read_csv_rows(csv_uri, s3)
     header = [h.strip() for h in rows[0][1]] if rows else []
     wanted = [data.image_column, *data.label_columns] + ([data.group_column] if data.group_column else [])
     missing = [c for c in wanted if c not in header]
@@ -213,9 +209,9 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
     if not one_column and len(classes) != len(data.label_columns):
         raise DataError(f"data.classes: {len(classes)} names for {len(data.label_columns)} label columns")
 
-    problems = _Problems(data.on_bad_input, csv_uri)
+    problems = checks.Problems(data.on_bad_input, csv_uri)
     parsed, seen = [], {}
-    for line, fields in _well_formed(rows, len(header), problems):
+    for line, fields in checks.well_formed(rows, len(header), problems):
         image = fields[col[data.image_column]].strip()
         if not image:
             problems.add(None, f"row {line}: empty {data.image_column}")
@@ -258,7 +254,7 @@ def read_csv(data: DataConfig, s3: S3Config | None = None) -> Manifest:
         rows_out.append({"image_id": image, "uri": uri, "labels": value, "rles": None,
                          "group": group or None, "row": line})
     records = pd.DataFrame(rows_out, columns=["image_id", "uri", "labels", "rles", "group", "row"])
-    records = _finish(records, data, s3, problems, check_exist=True)
+    records = checks.finish(records, data, s3, problems, check_exist=True)
     return Manifest(records, list(classes), csv_uri, has_masks=False, dropped=problems.dropped)
 
 
@@ -295,151 +291,3 @@ def split(manifest: Manifest, data: DataConfig) -> tuple[Manifest, Manifest]:
         _, val_groups = train_test_split(group_ids, test_size=data.val_fraction, random_state=data.seed)
     is_val = np.isin(groups, val_groups)
     return manifest.subset(np.flatnonzero(~is_val)), manifest.subset(np.flatnonzero(is_val))
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-class _Problems:
-    """Collects bad-input findings; raises them together or drops the images they concern."""
-
-    def __init__(self, mode: str, source: str):
-        self.mode, self.source = mode, source
-        self.lines: list[str] = []
-        self.bad_images: set[str] = set()
-        self.dropped: list[str] = []
-
-    def add(self, image_id: str | None, message: str) -> None:
-        self.lines.append(message)
-        if image_id is not None:
-            self.bad_images.add(image_id)
-
-    def resolve(self, records: pd.DataFrame) -> pd.DataFrame:
-        if not self.lines:
-            return records
-        if self.mode == "fail":
-            raise DataError(f"{self.source}: {len(self.lines)} problem(s) in the input "
-                            f"(set data.on_bad_input=drop to skip these images):\n" + _listing(self.lines, "\n  "))
-        self.dropped = list(self.lines)
-        log.warning("%s: dropped %d problem row(s)/image(s):\n  %s", self.source, len(self.lines),
-                    _listing(self.lines, "\n  "))
-        return records[~records["image_id"].isin(self.bad_images)].reset_index(drop=True)
-
-
-def _listing(lines: list[str], sep: str = "; ") -> str:
-    shown = sep.join(lines[:_MAX_LISTED])
-    more = len(lines) - _MAX_LISTED
-    return ("  " if sep.startswith("\n") else "") + shown + (f"{sep}... and {more} more" if more > 0 else "")
-
-
-def _read_csv_rows(uri: str, s3: S3Config | None) -> list[tuple[int, list[str]]]:
-    """(line number, fields) for every row, header first; line numbers as an editor shows them."""
-    try:
-        text = storage.read_text(uri, s3)
-    except FileNotFoundError:
-        raise DataError(f"{uri}: label file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{uri}: not a UTF-8 text CSV ({e})") from None
-    reader = csv.reader(io.StringIO(text))
-    try:
-        return [(reader.line_num, row) for row in reader]
-    except csv.Error as e:
-        raise DataError(f"{uri}: row {reader.line_num}: malformed CSV ({e})") from None
-
-
-def _well_formed(rows: list[tuple[int, list[str]]], width: int, problems: _Problems):
-    """The data rows (after the header) that are not blank and have ``width`` fields; the others
-    are reported."""
-    for line, fields in rows[1:]:
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) != width:
-            problems.add(None, f"row {line}: expected {width} fields, got {len(fields)}")
-            continue
-        yield line, fields
-
-
-def _finish(records: pd.DataFrame, data: DataConfig, s3: S3Config | None, problems: _Problems, *,
-            expected_size: tuple[int, int] | None = None, dedupe: bool = False,
-            check_exist: bool = False) -> pd.DataFrame:
-    """Check the images themselves (existence, decoding, size, duplicates), set the split group,
-    then raise or drop everything found so far."""
-    if "group" not in records:
-        records["group"] = None
-    if check_exist and not data.verify_images and not dedupe:
-        present = _existing(records["uri"].tolist(), s3)
-        for image_id, uri, row in zip(records["image_id"], records["uri"], records["row"]):
-            if uri not in present:
-                problems.add(image_id, f"row {row}: image {image_id} is listed but missing ({uri})")
-    if data.verify_images or dedupe:
-        digests = _scan(records, data, s3, problems, expected_size)
-        records["digest"] = digests
-        if dedupe:
-            first: dict[str, str] = {}
-            duplicates = []
-            for image_id, digest in zip(records["image_id"], digests):
-                if digest is None:
-                    continue
-                if digest in first:
-                    duplicates.append(f"{image_id} (= {first[digest]})")
-                else:
-                    first[digest] = image_id
-            if duplicates:
-                log.warning("%s: dropped %d byte-identical duplicate image(s) before splitting: %s",
-                            problems.source, len(duplicates), _listing(duplicates))
-                keep = [d is None or first[d] == i for i, d in zip(records["image_id"], digests)]
-                records = records[keep].reset_index(drop=True)
-        # identical bytes never straddle a split, whatever their names
-        records["group"] = records["group"].fillna(records["digest"])
-        records = records.drop(columns="digest")
-    records["group"] = records["group"].fillna(records["image_id"])
-    records = problems.resolve(records)
-    return records.drop(columns=[c for c in ("row",) if c in records])
-
-
-def _existing(uris: list[str], s3: S3Config | None) -> set[str]:
-    """The subset of ``uris`` that exist, with one listing per parent folder."""
-    present: set[str] = set()
-    for parent in sorted({posixpath.dirname(u) if storage.is_s3(u) else os.path.dirname(u) for u in uris}):
-        try:
-            present.update(storage.list_files(parent, s3, recursive=False))
-        except FileNotFoundError:
-            pass
-    return present
-
-
-def _scan(records: pd.DataFrame, data: DataConfig, s3: S3Config | None, problems: _Problems,
-          expected_size: tuple[int, int] | None) -> list[str | None]:
-    """Read every image concurrently, decode it, check its size; returns a content digest per
-    image (None for images that could not be read)."""
-    uris = records["uri"].tolist()
-    ids = records["image_id"].tolist()
-    rows = records["row"].tolist() if "row" in records else [None] * len(uris)
-    digests: list[str | None] = [None] * len(uris)
-
-    def check(i: int) -> str | None:
-        where = f"row {rows[i]}: " if rows[i] is not None else ""
-        try:
-            blob = storage.read_bytes(uris[i], s3)
-        except FileNotFoundError:
-            return f"{where}image {ids[i]} is listed but missing ({uris[i]})"
-        except OSError as e:
-            return f"{where}{uris[i]}: cannot read ({type(e).__name__}: {e})"
-        digests[i] = hashlib.sha1(blob).hexdigest()
-        if not data.verify_images:
-            return None
-        try:
-            image = decode_image(blob, 1, uris[i])
-        except DataError as e:
-            return f"{where}{e}"
-        if expected_size and image.shape[:2] != expected_size:
-            h, w = image.shape[:2]
-            return (f"{where}{uris[i]}: size {w}x{h}, expected {expected_size[1]}x{expected_size[0]} "
-                    f"(width x height)")
-        return None
-
-    # Threads overlap S3 round trips and PIL decoding (which releases the GIL).
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for i, message in enumerate(pool.map(check, range(len(uris)))):
-            if message:
-                problems.add(ids[i], message)
-    return digests
