@@ -97,7 +97,7 @@ class TrainConfig:
     metric: str = ""                              # empty: macro_f1 (classifiers) or dice (segmenters)
     keep: Literal["best", "last"] = "best"        # the checkpoint kept: best epoch by metric, or the last
                                                   # (cross-validation: a figure not chosen on its own split)
-    seed: int = 0
+    seed: int = 0                                 # weights, sampling order and augmentations (per worker)
 
 
 @dataclass

@@ -15,10 +15,12 @@ from steelray.model_io import Preprocess  # noqa: E402
 PRESETS = ("none", "light", "medium", "strong", "robust")
 
 
-def build(pre: Preprocess, augment: str = "none", turns: bool = True) -> A.Compose:
+def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int | None = None) -> A.Compose:
     """Training's pipeline: ``pipeline(image=HxWxC uint8[, mask=HxWxK])`` -> the same, augmented;
     a random crop first where ``pre.crop`` is set (the image is then taken at full resolution).
-    ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation."""
+    ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation.
+    ``seed``: the pipeline's own random stream (albumentations ignores the global seeds); None
+    draws a fresh one, so two runs augment differently."""
     if augment not in PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(PRESETS)}")
     steps: list = []
@@ -27,7 +29,7 @@ def build(pre: Preprocess, augment: str = "none", turns: bool = True) -> A.Compo
         steps += [A.PadIfNeeded(ch, cw), A.RandomCrop(ch, cw)]
     size = pre.crop or pre.size
     steps += _augmentations(augment, turn=turns and size[0] == size[1])
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 def underexposure(p: float) -> A.OneOf:

@@ -222,8 +222,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              if cfg.train.imbalance == "sampler" and cfg.task != "segmentation" else None)
     loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
-        train_data.SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns),
-        batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers,
+        train_data.SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns,
+                                seed=cfg.train.seed * 1000 + rank),  # augmentations as reproducible as the rest
+        batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers, worker_init_fn=train_data.seed_worker,
         pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
     val_loader = DataLoader(train_data.SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),
                             batch_size=cfg.train.batch_size, num_workers=loader_workers)

@@ -27,9 +27,9 @@ class SheetDataset(Dataset):
     by ``model_io.model_input``."""
 
     def __init__(self, records: list[dict], task: str, pre: model_io.Preprocess, augment: str = "none",
-                 s3=None, train: bool = False, turns: bool = True):
+                 s3=None, train: bool = False, turns: bool = True, seed: int | None = None):
         self.records, self.task, self.pre, self.s3 = records, task, pre, s3
-        self.transform = presets.build(pre, augment, turns) if train else None
+        self.transform = presets.build(pre, augment, turns, seed) if train else None
         self.resize = not (train and pre.crop)
 
     def __len__(self) -> int:
@@ -52,6 +52,17 @@ class SheetDataset(Dataset):
                                                                                  dtype=np.float32))
         dtype = torch.long if self.task == "multiclass" else torch.float32
         return model_io.to_chw(image), torch.tensor(r["target"], dtype=dtype)
+
+
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader's ``worker_init_fn``: each loader process draws its own augmentations, from the
+    seed torch gives that worker (drawn from the seeded parent: the same every run). Without it,
+    every forked worker starts from a copy of one albumentations random state and repeats the
+    others' draws."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(info.seed % 2**32)
 
 
 class ShardedSampler(Sampler):

@@ -111,6 +111,31 @@ def test_turns_off_keeps_the_rolling_direction():
         assert seen == expect, f"turns={turns}: saw the streak {seen}"
 
 
+def test_training_augmentations_follow_train_seed_and_differ_per_loader_process(tmp_path):
+    """The same seed draws the same augmentations (a rerun of a fold trains on the same images); each
+    DataLoader process draws its own (forked copies of one random state would repeat each other)."""
+    import cv2
+    from torch.utils.data import DataLoader
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8))
+    records = [{"image_id": "a.png", "uri": str(tmp_path / "a.png"), "target": 0, "rles": None}] * 8
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,))
+
+    def draws(seed, workers=0, init=train_data.seed_worker):
+        torch.manual_seed(seed)
+        ds = train_data.SheetDataset(records, "multiclass", pre, "robust", train=True, seed=seed)
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, worker_init_fn=init if workers else None)
+        return [x for x, _ in loader]  # worker k makes batch k
+
+    same, other = draws(3), draws(4)
+    assert all(torch.equal(a, b) for a, b in zip(same, draws(3)))
+    assert not all(torch.equal(a, b) for a, b in zip(same, other))
+    forked = draws(3, workers=2)
+    assert not torch.equal(*forked), "two loader processes drew the same augmentations"
+    assert all(torch.equal(a, b) for a, b in zip(forked, draws(3, workers=2)))
+    assert torch.equal(*draws(3, workers=2, init=None))  # what seed_worker is there for
+
+
 @pytest.mark.parametrize("normalize", ["dataset", "image"])
 def test_model_input_normalises_as_albumentations_does(normalize):
     """``model_io.model_input`` (training, evaluation and scoring, on the device) against
