@@ -6,6 +6,9 @@ and ``model_io.model_input``. Evaluation and scoring use no preset.
 from __future__ import annotations
 
 import os
+import random
+
+import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import otherwise
 import albumentations as A  # noqa: E402
@@ -19,8 +22,8 @@ def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int 
     """Training's pipeline: ``pipeline(image=HxWxC uint8[, mask=HxWxK])`` -> the same, augmented;
     a random crop first where ``pre.crop`` is set (the image is then taken at full resolution).
     ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation.
-    ``seed``: the pipeline's own random stream (albumentations ignores the global seeds); None
-    draws a fresh one, so two runs augment differently."""
+    ``seed``: the pipeline's random stream (``reseed``; albumentations ignores the global seeds);
+    None draws a fresh one, so two runs augment differently."""
     if augment not in PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(PRESETS)}")
     steps: list = []
@@ -29,7 +32,17 @@ def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int 
         steps += [A.PadIfNeeded(ch, cw), A.RandomCrop(ch, cw)]
     size = pre.crop or pre.size
     steps += _augmentations(augment, turn=turns and size[0] == size[1])
-    return A.Compose(steps, seed=seed)
+    pipeline = A.Compose(steps)
+    if seed is not None:
+        reseed(pipeline, seed)
+    return pipeline
+
+
+def reseed(pipeline: A.Compose, seed: int) -> None:
+    """One random stream from ``seed`` shared by every step of ``pipeline``, so each draws on from
+    the last. (albumentations' own ``Compose(seed=)`` gives each step a generator of that same seed:
+    every step then draws the same numbers, both flips always together.)"""
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def underexposure(p: float) -> A.OneOf:

@@ -62,7 +62,7 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None)
     if transform is not None:
-        transform.set_random_seed(info.seed % 2**32)
+        presets.reseed(transform, info.seed % 2**32)
 
 
 class ShardedSampler(Sampler):

@@ -87,7 +87,7 @@ def test_augmentation_moves_masks_with_the_image(preset):
     mask[10:30, 5:25, 1] = 1
     compared = 0
     for seed in range(20):
-        pipeline.set_random_seed(seed)  # albumentations draws from its own generator, not np.random's
+        presets.reseed(pipeline, seed)  # albumentations draws from its own generator, not np.random's
         out = pipeline(image=image, mask=mask)
         x, m = out["image"][..., 0].astype(float), out["mask"][..., 1].astype(bool)
         assert out["image"].shape == (48, 48, 1) and out["mask"].shape == (48, 48, 2)
@@ -105,7 +105,7 @@ def test_turns_off_keeps_the_rolling_direction():
     for turns, expect in ((False, {"along"}), (True, {"along", "across"})):
         pipeline, seen = presets.build(pre, "medium", turns), set()
         for seed in range(30):
-            pipeline.set_random_seed(seed)
+            presets.reseed(pipeline, seed)
             x = pipeline(image=image)["image"][..., 0].astype(float)
             seen.add("along" if x.mean(axis=0).std() > x.mean(axis=1).std() else "across")
         assert seen == expect, f"turns={turns}: saw the streak {seen}"
@@ -126,6 +126,13 @@ def test_training_augmentations_follow_train_seed_and_differ_per_loader_process(
         ds = train_data.SheetDataset(records, "multiclass", pre, "robust", train=True, seed=seed)
         loader = DataLoader(ds, batch_size=4, num_workers=workers, worker_init_fn=init if workers else None)
         return [x for x, _ in loader]  # worker k makes batch k
+
+    import albumentations as A
+
+    flips = A.Compose([A.HorizontalFlip(), A.VerticalFlip()])
+    presets.reseed(flips, 0)  # one stream: the two flips draw independently (Compose(seed=0): together)
+    corner = {int(flips(image=np.arange(16, dtype=np.uint8).reshape(4, 4, 1))["image"][0, 0, 0]) for _ in range(64)}
+    assert corner == {0, 3, 12, 15}, f"seeded flips draw together: top-left pixel only ever {corner}"
 
     same, other = draws(3), draws(4)
     assert all(torch.equal(a, b) for a, b in zip(same, draws(3)))
