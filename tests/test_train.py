@@ -80,6 +80,21 @@ def test_multiclass_trains_and_its_checkpoint_loads_into_a_plain_module_without_
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
+def test_the_same_seed_trains_the_same_model(ray_local, tmp_path, neu_small):
+    """train.seed fixes weights, sampling and augmentations on both workers: a rerun gives the same
+    weights bit for bit (on the same machine); another seed, other weights."""
+    def weights(seed, name):
+        result = run("jobs/configs/neu.yaml", tmp_path, f"data.root={neu_small}", "model.name=simple_cnn",
+                     "input.size=[48,48]", "input.augment=robust", "train.epochs=2", "train.batch_size=8",
+                     f"train.seed={seed}", f"ray.run_name={name}")
+        model, _ = checkpoint.load_model(result.best_checkpoint)
+        return model.state_dict()
+
+    first, again, other = weights(0, "s0"), weights(0, "s0-again"), weights(1, "s1")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_bad_config_fails_before_ray_starts(tmp_path):
     out = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/neu.yaml", "train.lr=fast"],
                          capture_output=True, text=True, timeout=120)
