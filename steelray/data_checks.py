@@ -85,8 +85,8 @@ def well_formed(rows: list[tuple[int, list[str]]], width: int, problems: Problem
 
 
 def finish(records: pd.DataFrame, data: DataConfig, s3: S3Config | None, problems: Problems, *,
-            expected_size: tuple[int, int] | None = None, dedupe: bool = False,
-            check_exist: bool = False) -> pd.DataFrame:
+           expected_size: tuple[int, int] | None = None, dedupe: bool = False,
+           check_exist: bool = False) -> pd.DataFrame:
     """Check the images themselves (existence, decoding, size, duplicates), set the split group,
     then raise or drop everything found so far."""
     if "group" not in records:
