@@ -80,10 +80,13 @@ def resize_mask(mask: np.ndarray, size) -> np.ndarray:
 
 
 def to_chw(image: np.ndarray):
-    """A uint8 HxWxC image as the CxHxW tensor a DataLoader batches (still uint8: 4x less to move)."""
+    """A uint8 HxWxC image as the CxHxW tensor a DataLoader batches (still uint8: 4x less to move).
+    A read-only image (PIL lends its decoded pixels read-only; at the model's own size nothing
+    resizes them) is copied: the tensor may be written to, and torch warns of undefined behaviour."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    return torch.from_numpy(chw if chw.flags.writeable else chw.copy())
 
 
 def normalise(x, pre: Preprocess):

@@ -213,6 +213,24 @@ def test_resize_then_model_input():
     assert x.shape == (1, 1, 32, 64) and np.allclose(x.numpy(), (1 - 0.5) / 0.25)
 
 
+def test_an_image_decoded_at_the_model_size_reaches_the_model_as_its_own_copy():
+    """PIL lends decoded pixels read-only; at the model's own size nothing resizes them, so the
+    tensor must not share (and write through to) that memory."""
+    import io
+
+    from PIL import Image
+
+    from steelray import images
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 40), dtype=np.uint8)).save(buf, "JPEG")
+    image = model_io.resize(images.decode_image(buf.getvalue(), 1), (40, 40))
+    before = image.copy()
+    t = model_io.to_chw(image)
+    t += 1
+    assert (image == before).all() and (t.numpy()[0] == before[..., 0] + 1).all()
+
+
 def test_warmup_then_cosine():
     f = [train.lr_factor(s, 100, 10, True) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
