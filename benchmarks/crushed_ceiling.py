@@ -30,6 +30,7 @@ from sklearn.metrics import f1_score  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from steelray import conditions, config, data, images, model_io, models, presets, train, train_data  # noqa: E402
+from steelray.predict import EvalImages  # noqa: E402
 
 
 class Crushed(Dataset):
@@ -52,11 +53,9 @@ class Crushed(Dataset):
 @torch.no_grad()
 def scores(model, m: data.Manifest, pre: model_io.Preprocess, perturb: str | None) -> dict:
     """Accuracy and macro-F1 (argmax) on ``m``'s images as evaluation's robustness pass loads them."""
-    from steelray.predict import _Images
-
     model.eval()
     preds = []
-    for x, *_ in DataLoader(_Images(list(m.records.uri), pre, perturb), batch_size=64):
+    for x, *_ in DataLoader(EvalImages(list(m.records.uri), pre, perturb), batch_size=64):
         preds.append(model(model_io.model_input(x, pre)).argmax(1).numpy())
     pred, truth = np.concatenate(preds), m.targets("multiclass")
     return {"accuracy": float((pred == truth).mean()), "macro_f1": float(f1_score(truth, pred, average="macro")),

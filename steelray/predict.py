@@ -62,7 +62,7 @@ def device_of(job: config.EvaluateJob) -> str:
     return job.evaluate.device
 
 
-class _Images(Dataset):
+class EvalImages(Dataset):
     """Images by URI, optionally perturbed (robustness), resized as the checkpoint says (uint8 CxHxW),
     with their index and original size."""
 
@@ -87,7 +87,7 @@ def sheet_probabilities(model, meta: dict, manifest: data.Manifest, job: config.
     model's input size (``model_io.masks`` takes them to the sheet's size), averaged over the
     test-time views ``evaluate.tta`` names."""
     pre = model_io.Preprocess.from_dict(meta["preprocess"])
-    loader = DataLoader(_Images(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
+    loader = DataLoader(EvalImages(list(manifest.records.uri), pre, perturb, job.s3), batch_size=job.evaluate.batch_size,
                         num_workers=job.evaluate.loader_workers)
     for x, idx, hs, ws in loader:
         probs = _probabilities(model, meta, x, job.evaluate.tta)

@@ -159,7 +159,7 @@ def gradcam(model, ev, indices, targets):
     from captum.attr import LayerAttribution, LayerGradCam
 
     pre = model_io.Preprocess.from_dict(ev.meta["preprocess"])
-    ds = predict._Images([ev.manifest.records.uri.iloc[i] for i in indices], pre, None, ev.job.s3)
+    ds = predict.EvalImages([ev.manifest.records.uri.iloc[i] for i in indices], pre, None, ev.job.s3)
     x = model_io.model_input(torch.stack([ds[k][0] for k in range(len(ds))]).to(next(model.parameters()).device), pre)
     cam = LayerGradCam(model, _gradcam_layer(model))
     with torch.enable_grad():
