@@ -70,10 +70,11 @@ class InputConfig:
     crop: list[int] = setting([])           # [height, width] random crops at full resolution for training
     augment: Literal["none", "light", "medium", "strong", "robust"] = "light"  # robust: medium plus
                                    # +-30% brightness/contrast, blur, noise, under-exposure (the field)
-    normalize: Literal["dataset", "image", "center"] = "dataset"  # dataset: fixed mean/std (the model's own);
+    normalize: Literal["dataset", "image", "center", "equalize"] = "dataset"  # dataset: fixed mean/std (the model's own);
                                    # image: each image to zero mean, unit std (robust to lighting);
                                    # center: each image less its own mean, over the fixed std
-                                   # (stray light removed, the sheet's contrast kept)
+                                   # (stray light removed, the sheet's contrast kept);
+                                   # equalize: each pixel to its rank in its image (any exposure)
     turns: bool = True                      # medium/strong/robust turn square images by 90 degrees; false
                                    # keeps the rolling direction (then score.tta flips, not dihedral)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-NORMALIZATIONS = ("dataset", "image", "center")  # what ``normalise`` knows (config's input.normalize)
+NORMALIZATIONS = ("dataset", "image", "center", "equalize")  # what ``normalise`` knows (config's input.normalize)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class Preprocess:
     mean: tuple[float, ...]        # per channel, on a 0..1 scale (normalize "dataset")
     std: tuple[float, ...]
     normalize: str = "dataset"     # "image": each image's own mean and std instead (all channels);
-                                   # "center": each image's own mean, the fixed std
+                                   # "center": each image's own mean, the fixed std;
+                                   # "equalize": each pixel to its rank among its image's pixels
 
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:  # e.g. a checkpoint written by a newer steelray
@@ -94,6 +95,16 @@ def normalise(x, pre: Preprocess):
     model (``steelray.export``) holds these same operations in its graph."""
     import torch
 
+    if pre.normalize == "equalize":  # histogram equalisation: each pixel to the share of its image's
+        # pixels (all channels) darker than it, centred and scaled as a uniform 0..1 (std 1/sqrt 12).
+        # Any brightening, dimming or contrast change (a rising map of the grey levels) leaves the
+        # ranks as they were; an under-exposure that clips shadows to black leaves every pixel still
+        # lit where it was and sends the clipped ones to 0, where the darkest pixels were anyway.
+        flat = x.reshape(x.shape[0], -1).long()
+        counts = torch.zeros(x.shape[0], 256, device=x.device).scatter_add_(
+            1, flat, torch.ones(flat.shape, device=x.device))
+        below = (counts.cumsum(1) - counts).gather(1, flat) / flat.shape[1]
+        return ((below - 0.5) * 12 ** 0.5).reshape(x.shape)
     x = x.float()
     if pre.normalize == "image":  # each image to zero mean and unit std over all its pixels, clipped
         std, mean = torch.std_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)

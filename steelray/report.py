@@ -100,7 +100,7 @@ TEMPLATE = """<!DOCTYPE html>
 <h2>Model card</h2>
 <table class="card">
 <tr><th>task</th><td>{{ s.task }}: {{ s.classes | join(", ") }}</td></tr>
-<tr><th>model</th><td>{{ s.model.name }}{% if s.task == "segmentation" %} ({{ s.model.arch }}){% endif %}, input {{ preprocess.size | join("x") }}, {{ preprocess.in_chans }} channel(s), {% if preprocess.normalize == "image" %}each image normalised to its own mean and std{% elif preprocess.normalize == "center" %}each image less its own mean, over a fixed std{% else %}fixed mean/std normalisation{% endif %}</td></tr>
+<tr><th>model</th><td>{{ s.model.name }}{% if s.task == "segmentation" %} ({{ s.model.arch }}){% endif %}, input {{ preprocess.size | join("x") }}, {{ preprocess.in_chans }} channel(s), {% if preprocess.normalize == "image" %}each image normalised to its own mean and std{% elif preprocess.normalize == "center" %}each image less its own mean, over a fixed std{% elif preprocess.normalize == "equalize" %}each pixel ranked within its image (histogram equalisation){% else %}fixed mean/std normalisation{% endif %}</td></tr>
 <tr><th>training data</th><td>{{ train_cfg.data.format }} at <code>{{ train_cfg.data.root }}</code>, validation fraction {{ train_cfg.data.val_fraction }}, seed {{ train_cfg.data.seed }}</td></tr>
 <tr><th>training</th><td>{{ train_cfg.train.epochs }} epochs, batch {{ train_cfg.train.batch_size }} x {{ train_cfg.ray.num_workers }} workers, lr {{ train_cfg.train.lr }}, {{ train_cfg.train.scheduler }} schedule, augmentation {{ train_cfg.input.augment }}, label smoothing {{ train_cfg.train.label_smoothing }}</td></tr>
 <tr><th>evaluation set</th><td>{% for c, n in s.data.class_counts.items() %}{{ c }}: {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>

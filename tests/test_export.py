@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steelray import checkpoint, config, data, evaluate, export, models, onnx_model
+from steelray import checkpoint, config, data, evaluate, export, model_io, models, onnx_model
 from steelray.scoring import job as scoring_job
 from steelray.scoring.actor import ActorSettings, Scorer
 from steelray.scoring.decode import read_and_decode
@@ -102,12 +102,10 @@ def export_job(*overrides: str) -> config.ExportJob:
     return config.load(None, list(overrides), config.ExportJob)
 
 
-@pytest.mark.parametrize("normalize", ["dataset", "image", "center"])
+@pytest.mark.parametrize("normalize", model_io.NORMALIZATIONS)
 def test_each_normalisation_is_in_the_exported_graph(normalize):
     """Each ``input.normalize`` traces into the exported graph and ONNX Runtime computes it as PyTorch
     does, on sheets of different lighting."""
-    from steelray import model_io
-
     pre = model_io.Preprocess((32, 32), None, 1, (0.45,), (0.22,), normalize)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -190,6 +190,28 @@ def test_centred_normalisation_removes_stray_light_and_keeps_contrast():
     assert np.abs(d - e).min() > 1  # where a fixed mean leaves the whole image shifted
 
 
+def test_equalisation_ranks_each_pixel_in_its_image_whatever_the_exposure():
+    """``normalize: equalize``: each pixel to the share of its image's pixels darker than it (scipy's
+    rank, the standard definition), centred and scaled. A rising map of the grey levels (brighter,
+    dimmer, flatter) changes nothing; clipping the shadows to black changes only the clipped pixels,
+    which go to the image's darkest value."""
+    from scipy.stats import rankdata
+
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,), "equalize")
+    image = np.random.default_rng(3).integers(0, 128, (32, 32, 1), dtype=np.uint8)
+    brighter = image * 2 + 1                    # a rising map that merges no grey levels
+    crushed = np.where(image >= 64, image, 0).astype(np.uint8)  # every pixel under 64 clipped to black
+    a, b, c = (model_io.model_input(model_io.to_chw(im)[None], pre).numpy() for im in (image, brighter, crushed))
+    below = (rankdata(image.ravel(), method="min") - 1) / image.size
+    assert np.allclose(a.ravel(), (below - 0.5) * 12 ** 0.5, atol=1e-5)
+    assert np.array_equal(a, b)
+    lit = image.transpose(2, 0, 1)[None] >= 64
+    assert np.array_equal(a[lit], c[lit]) and np.allclose(c[~lit], -(3 ** 0.5))
+    assert not np.allclose(a[~lit], c[~lit])
+    ramp = model_io.model_input(model_io.to_chw(np.arange(256, dtype=np.uint8).reshape(16, 16, 1))[None], pre)
+    assert abs(float(ramp.mean())) < 0.01 and abs(float(ramp.std()) - 1) < 0.01  # on the scale of the others
+
+
 def test_an_unknown_normalisation_is_refused_not_taken_for_dataset():
     """A checkpoint whose preprocess names a normalisation this steelray lacks (a newer one wrote it)
     is refused, naming it, rather than scored with the dataset's mean and std."""
