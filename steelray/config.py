@@ -77,6 +77,8 @@ class InputConfig:
                                    # equalize: each pixel to its rank in its image (any exposure)
     turns: bool = True                      # medium/strong/robust turn square images by 90 degrees; false
                                    # keeps the rolling direction (then score.tta flips, not dihedral)
+    underexposure: float = setting(0.4, min=0.0, max=1.0)        # robust: share of images under-exposed
+    underexposure_depth: float = setting(0.4, min=0.3, max=0.9)  # robust: darkest exposure, of full scale
 
 
 @dataclass

@@ -18,12 +18,14 @@ from steelray.model_io import Preprocess  # noqa: E402
 PRESETS = ("none", "light", "medium", "strong", "robust")
 
 
-def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int | None = None) -> A.Compose:
+def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int | None = None,
+          dark: tuple[float, float] = (0.4, 0.4)) -> A.Compose:
     """Training's pipeline: ``pipeline(image=HxWxC uint8[, mask=HxWxK])`` -> the same, augmented;
     a random crop first where ``pre.crop`` is set (the image is then taken at full resolution).
     ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation.
     ``seed``: the pipeline's random stream (``reseed``; albumentations ignores the global seeds);
-    None draws a fresh one, so two runs augment differently."""
+    None draws a fresh one, so two runs augment differently.
+    ``dark``: the ``robust`` preset's under-exposure, (share of images, depth): ``underexposure``."""
     if augment not in PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(PRESETS)}")
     steps: list = []
@@ -31,7 +33,7 @@ def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int 
         ch, cw = pre.crop
         steps += [A.PadIfNeeded(ch, cw), A.RandomCrop(ch, cw)]
     size = pre.crop or pre.size
-    steps += _augmentations(augment, turn=turns and size[0] == size[1])
+    steps += _augmentations(augment, turns and size[0] == size[1], dark)
     pipeline = A.Compose(steps)
     if seed is not None:
         reseed(pipeline, seed)
@@ -45,14 +47,15 @@ def reseed(pipeline: A.Compose, seed: int) -> None:
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def underexposure(p: float) -> A.OneOf:
-    """Under-exposed sheets: a darker exposure whose shadows clip to black (brightness -10..-40% of
-    full scale with contrast 0..-40%), or a steeper gamma (1.5-3) that sinks the dark half."""
-    return A.OneOf([A.RandomBrightnessContrast(brightness_limit=(-0.4, -0.1), contrast_limit=(-0.4, 0.0), p=1),
+def underexposure(p: float, depth: float = 0.4) -> A.OneOf:
+    """Under-exposed sheets, on a share ``p`` of images: a darker exposure whose shadows clip to
+    black (brightness -(depth - 0.3)..-depth of full scale with contrast 0..-depth; the default
+    depth 0.4: -10..-40%, contrast 0..-40%), or a steeper gamma (1.5-3) that sinks the dark half."""
+    return A.OneOf([A.RandomBrightnessContrast(brightness_limit=(-depth, 0.3 - depth), contrast_limit=(-depth, 0.0), p=1),
                     A.RandomGamma(gamma_limit=(150, 300), p=0.5)], p=p)
 
 
-def _augmentations(preset: str, turn: bool) -> list:
+def _augmentations(preset: str, turn: bool, dark: tuple[float, float]) -> list:
     if preset == "none":
         return []
     out = [A.HorizontalFlip()]
@@ -63,7 +66,7 @@ def _augmentations(preset: str, turn: bool) -> list:
         out += [A.VerticalFlip(), A.RandomBrightnessContrast(limit, limit, p=p)]
         if robust:
             out += [A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 2.0), p=0.25),
-                    A.GaussNoise(std_range=(0.02, 0.1), p=0.25), underexposure(p=0.4)]
+                    A.GaussNoise(std_range=(0.02, 0.1), p=0.25), underexposure(*dark)]
         if turn:
             out.append(A.RandomRotate90())
     if preset == "strong":

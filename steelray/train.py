@@ -223,7 +223,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loader_workers = cfg.train.loader_workers
     train_loader = DataLoader(
         train_data.SheetDataset(train_records, cfg.task, pre, cfg.input.augment, cfg.s3, train=True, turns=cfg.input.turns,
-                                seed=cfg.train.seed * 1000 + rank),  # augmentations as reproducible as the rest
+                                seed=cfg.train.seed * 1000 + rank,  # augmentations as reproducible as the rest
+                                dark=(cfg.input.underexposure, cfg.input.underexposure_depth)),
         batch_size=cfg.train.batch_size, sampler=sampler, num_workers=loader_workers, worker_init_fn=train_data.seed_worker,
         pin_memory=on_gpu, drop_last=len(sampler) > cfg.train.batch_size, persistent_workers=loader_workers > 0)
     val_loader = DataLoader(train_data.SheetDataset(val_records, cfg.task, pre, s3=cfg.s3),

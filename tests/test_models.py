@@ -314,3 +314,26 @@ def test_mixup_blends_image_pairs_and_their_labels():
     assert seen[0].shape == (2, 3) and seen[0][0, 1] == 0 and 0 < seen[0][0, 0] < 1
     with pytest.raises(config.ConfigError, match="train.mixup"):
         cfg_for("task=binary", "train.cutmix=1.0")
+
+
+def test_underexposure_share_and_depth_reach_the_robust_preset():
+    """``input.underexposure`` (share of images) and ``input.underexposure_depth`` (how dark) reach
+    the robust preset through the config and the training dataset: more of either, more black."""
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,))
+    image = np.random.default_rng(0).integers(100, 161, (32, 32, 1), dtype=np.uint8)  # mid grey
+
+    def black(share, depth):
+        pipeline = presets.build(pre, "robust", seed=0, dark=(share, depth))
+        return float(np.mean([(pipeline(image=image)["image"] == 0).mean() for _ in range(300)]))
+
+    none, default, share, deep = black(0.0, 0.4), black(0.4, 0.4), black(1.0, 0.4), black(1.0, 0.9)
+    assert none < 0.02 < default < share < deep, (none, default, share, deep)
+
+    cfg = config.load(None, ["input.augment=robust", "input.underexposure=1", "input.underexposure_depth=0.9"])
+    assert (cfg.input.underexposure, cfg.input.underexposure_depth) == (1.0, 0.9)
+    with pytest.raises(config.ConfigError, match="input.underexposure"):
+        config.load(None, ["input.underexposure=1.5"])
+    ds = train_data.SheetDataset([], "multiclass", pre, "robust", train=True, seed=0,
+                                 dark=(cfg.input.underexposure, cfg.input.underexposure_depth))
+    made = presets.build(pre, "robust", seed=0, dark=(1.0, 0.9))
+    assert str(ds.transform) == str(made) != str(presets.build(pre, "robust", seed=0))
