@@ -51,7 +51,8 @@ def underexposure(p: float, depth: float = 0.4) -> A.OneOf:
     """Under-exposed sheets, on a share ``p`` of images: a darker exposure whose shadows clip to
     black (brightness -(depth - 0.3)..-depth of full scale with contrast 0..-depth; the default
     depth 0.4: -10..-40%, contrast 0..-40%), or a steeper gamma (1.5-3) that sinks the dark half."""
-    return A.OneOf([A.RandomBrightnessContrast(brightness_limit=(-depth, 0.3 - depth), contrast_limit=(-depth, 0.0), p=1),
+    brightness = (-depth, round(0.3 - depth, 6))  # rounded: the default depth gives exactly (-0.4, -0.1)
+    return A.OneOf([A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=(-depth, 0.0), p=1),
                     A.RandomGamma(gamma_limit=(150, 300), p=0.5)], p=p)
 
 
