@@ -328,6 +328,7 @@ def test_underexposure_share_and_depth_reach_the_robust_preset():
 
     none, default, share, deep = black(0.0, 0.4), black(0.4, 0.4), black(1.0, 0.4), black(1.0, 0.9)
     assert none < 0.02 < default < share < deep, (none, default, share, deep)
+    assert presets.underexposure(0.4).transforms[0].brightness_limit == (-0.4, -0.1)  # as before the knob
 
     cfg = config.load(None, ["input.augment=robust", "input.underexposure=1", "input.underexposure_depth=0.9"])
     assert (cfg.input.underexposure, cfg.input.underexposure_depth) == (1.0, 0.9)
