@@ -64,7 +64,11 @@ def scores(model, m: data.Manifest, pre: model_io.Preprocess, perturb: str | Non
     preds = []
     for x, *_ in DataLoader(EvalImages(list(m.records.uri), pre, perturb), batch_size=64):
         preds.append(model(model_io.model_input(x, pre)).argmax(1).numpy())
-    pred, truth = np.concatenate(preds), m.targets("multiclass")
+    return figures(np.concatenate(preds), m.targets("multiclass"))
+
+
+def figures(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and wrong images of argmax predictions."""
     return {"accuracy": float((pred == truth).mean()), "macro_f1": float(f1_score(truth, pred, average="macro")),
             "wrong": int((pred != truth).sum())}
 

@@ -3,9 +3,10 @@ fold, before any routing is built into evaluation or scoring: each validation im
 each of evaluation's conditions (``steelray/conditions.py``, applied at full resolution as evaluation
 applies them), goes to the specialist when more than ``--gate`` of its pixels are black (0, clipped)
 and to the generalist otherwise (by default the gate is the largest black share of any of the fold's
-training images, clean or under a condition other than crushed: chosen without the validation images); printed per condition: how many were routed, and accuracy, macro-F1
-(argmax) and wrong images of the generalist alone, the specialist alone and the routed pair, with each
-one's drop from its own clean macro-F1.
+training images, clean or under a condition other than crushed: chosen without the validation
+images). Printed per condition: how many were routed, and accuracy, macro-F1 (argmax) and wrong
+images of the generalist alone, the specialist alone and the routed pair, with each one's drop from
+its own clean macro-F1.
 
     .ci/in-venv python benchmarks/crushed_routing.py --data ../shared/data/neu-det --fold 0 \\
         --generalist RUN/epoch-0070 --specialist SPECIALIST [--gate 0.1]
@@ -25,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import f1_score  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from crushed_ceiling import figures as scores  # noqa: E402  (this folder is on sys.path: run as a script)
 from steelray import checkpoint, conditions, config, data, images, model_io  # noqa: E402
 
 
@@ -60,11 +61,6 @@ def predictions(models: list, pres: list, uris: list[str], perturb: str | None) 
 def black_shares(uris: list[str], pre: model_io.Preprocess, perturb: str | None) -> float:
     """The largest black share of ``uris`` under ``perturb``."""
     return max(float(share.max()) for _, share in DataLoader(Views(uris, [pre], perturb), batch_size=64))
-
-
-def scores(pred: np.ndarray, truth: np.ndarray) -> dict:
-    return {"accuracy": float((pred == truth).mean()), "macro_f1": float(f1_score(truth, pred, average="macro")),
-            "wrong": int((pred != truth).sum())}
 
 
 def main() -> None:

@@ -16,10 +16,11 @@ import albumentations as A  # noqa: E402
 from steelray.model_io import Preprocess  # noqa: E402
 
 PRESETS = ("none", "light", "medium", "strong", "robust")
+UNDEREXPOSURE = (0.4, 0.4)  # the robust preset's under-exposure unless the config says: (share, depth)
 
 
 def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int | None = None,
-          dark: tuple[float, float] = (0.4, 0.4)) -> A.Compose:
+          dark: tuple[float, float] = UNDEREXPOSURE) -> A.Compose:
     """Training's pipeline: ``pipeline(image=HxWxC uint8[, mask=HxWxK])`` -> the same, augmented;
     a random crop first where ``pre.crop`` is set (the image is then taken at full resolution).
     ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation.

@@ -28,7 +28,7 @@ class SheetDataset(Dataset):
 
     def __init__(self, records: list[dict], task: str, pre: model_io.Preprocess, augment: str = "none",
                  s3=None, train: bool = False, turns: bool = True, seed: int | None = None,
-                 dark: tuple[float, float] = (0.4, 0.4)):
+                 dark: tuple[float, float] = presets.UNDEREXPOSURE):
         self.records, self.task, self.pre, self.s3 = records, task, pre, s3
         self.transform = presets.build(pre, augment, turns, seed, dark) if train else None
         self.resize = not (train and pre.crop)
