@@ -31,24 +31,32 @@ def load_model(job: config.EvaluateJob, uri: str = ""):
     if onnx_model.is_exported(uri):
         return onnx_model.load(uri, job.s3, device=device_of(job))
     if ensemble.is_ensemble(uri, job.s3):
-        members = ensemble.member_uris(uri, ensemble.read(uri, job.s3))
-        return Members([load_model(job, m) for m in members], [read_meta(m, job.s3) for m in members])
+        spec = ensemble.read(uri, job.s3)
+        members, route = ensemble.member_uris(uri, spec), ensemble.route_of(uri, spec)
+        return Members([load_model(job, m) for m in members], [read_meta(m, job.s3) for m in members],
+                       route and (load_model(job, route[0]), read_meta(route[0], job.s3), route[1]))
     return checkpoint.load_model(uri, job.s3, device=device_of(job))[0]
 
 
 class Members:
-    """An ensemble's loaded members and their metas: ``sheet_probabilities`` averages them."""
+    """An ensemble's loaded members and their metas: ``sheet_probabilities`` averages them; ``route``:
+    (model, meta, black share) that reads the clipped images instead, where the ensemble routes them."""
 
-    def __init__(self, models: list, metas: list[dict]):
-        self.models, self.metas = models, metas
+    def __init__(self, models: list, metas: list[dict], route: tuple | None = None):
+        self.models, self.metas, self.route = models, metas, route
 
 
 def _probabilities(model, meta: dict, x, tta: str):
     """A model's probabilities for a uint8 NCHW CPU batch ``x``, averaged over ``tta``'s views; an
-    ensemble's, the mean of its members'."""
+    ensemble's, the mean of its members' (its route's model's, for the images it routes)."""
     segmenter = meta["task"] == "segmentation"
     if isinstance(model, Members):
-        return sum(_probabilities(m, mm, x, tta) for m, mm in zip(model.models, model.metas)) / len(model.models)
+        out = sum(_probabilities(m, mm, x, tta) for m, mm in zip(model.models, model.metas)) / len(model.models)
+        if model.route is not None:
+            clipped = torch.from_numpy(ensemble.black_share(x.numpy()) > model.route[2])
+            if clipped.any():
+                out[clipped.to(out.device)] = _probabilities(model.route[0], model.route[1], x[clipped], tta).to(out.dtype)
+        return out
     if isinstance(model, onnx_model.OnnxModel):  # the exported graph takes NHWC and normalises itself
         return torch.from_numpy(model_io.with_tta(model, x.permute(0, 2, 3, 1).numpy(), tta, 1, segmenter))
     pre = model_io.Preprocess.from_dict(meta["preprocess"])

@@ -4,6 +4,9 @@ Tiny plain CNNs; the real NEU images where they matter, synthetic ones where a l
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,60 @@ def test_an_ensemble_refuses_members_that_do_not_fit_together(neu_synth, tmp_pat
         ensemble.write(str(tmp_path / "e"), [str(a), str(tmp_path / "five")])
     with pytest.raises(ensemble.EnsembleError, match="member .*nothing: not a steelray checkpoint"):
         ensemble.write(str(tmp_path / "e"), [str(a), str(tmp_path / "nothing")])
+
+
+def _clipped_copies(uris: list[str], folder: Path) -> list[str]:
+    """The images with their left 70% black (0), as an under-exposed sheet with clipped shadows."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    out = []
+    for uri in uris:
+        image = np.array(Image.open(uri))
+        image[:, : int(image.shape[1] * 0.7)] = 0
+        out.append(str(folder / f"clipped-{Path(uri).stem}.png"))
+        Image.fromarray(image).save(out[-1])
+    return out
+
+
+def test_a_routed_ensemble_sends_clipped_images_to_its_route_model_alone(neu_synth, tmp_path):
+    root, _, manifest, (a, b) = neu_synth
+    job = [sys.executable, "jobs/ensemble.py", "--members", str(a), "--route", str(b), "--out", str(tmp_path / "routed")]
+    refused = subprocess.run(job, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--route and --route-above go together" in refused.stderr
+    made = subprocess.run(job + ["--route-above", "0.5"], capture_output=True, text=True)
+    assert made.returncode == 0 and f"clipped images (> 0.5 black) to {b}" in made.stdout, made.stderr
+    uris = manifest.records.uri.tolist()[:4]
+    uris = uris + _clipped_copies(uris[:2], tmp_path / "clipped")   # four as they are, two 70% black
+    _, _, pa = scored(str(a), uris)
+    _, _, pb = scored(str(b), uris)
+    plan, rows, pr = scored(str(tmp_path / "routed"), uris)
+    np.testing.assert_allclose(pr[:4], pa[:4], atol=1e-6)         # the members' reading
+    np.testing.assert_allclose(pr[4:], pb[4:], atol=1e-6)         # the route's model's
+    assert np.abs(pa[4:] - pb[4:]).max() > 1e-3                   # two models that differ there
+    assert "clipped > 0.5 to simple_cnn" in plan.model_name
+    for only in (uris[:4], uris[4:]):                             # a batch all of one kind
+        np.testing.assert_allclose(scored(str(tmp_path / "routed"), only)[2], (pa if only == uris[:4] else pb)[
+            [uris.index(u) for u in only]], atol=1e-6)
+    # evaluation reads it as scoring does
+    records = manifest.records.iloc[:6].copy()
+    records["uri"] = uris
+    job = config.load(None, [f"evaluate.checkpoint={tmp_path / 'routed'}"], config.EvaluateJob)
+    meta = predict.read_meta(str(tmp_path / "routed"))
+    got = predict.predict(predict.load_model(job), meta, replace(manifest, records=records), job)
+    np.testing.assert_allclose(got, pr, atol=1e-5)
+    # the route is part of the version: its model and its share
+    ensemble.write(str(tmp_path / "other-share"), [str(a)], route=(str(b), 0.25))
+    ensemble.write(str(tmp_path / "other-model"), [str(a)], route=(str(a), 0.5))
+    ensemble.write(str(tmp_path / "none"), [str(a)])
+    versions = {scored(str(tmp_path / n), uris[:1])[0].digest for n in ("routed", "other-share", "other-model", "none")}
+    assert len(versions) == 4
+    with pytest.raises(ensemble.EnsembleError, match=r"route: black share 1.5 is not in \[0, 1\)"):
+        ensemble.write(str(tmp_path / "bad"), [str(a)], route=(str(b), 1.5))
+    with pytest.raises(ensemble.EnsembleError, match="member .*nothing: not a steelray checkpoint"):
+        ensemble.write(str(tmp_path / "bad"), [str(a)], route=(str(tmp_path / "nothing"), 0.5))
+
+
 # --- test-time augmentation ----------------------------------------------------------------------
 
 def _symmetric(model: torch.nn.Module) -> torch.nn.Module:

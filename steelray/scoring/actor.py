@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from steelray import input_stats, model_io, onnx_model, rle
+from steelray import ensemble, input_stats, model_io, onnx_model, rle
 from steelray.scoring.compiled import CompileCache, CompiledModel, padded_size
 from steelray.scoring.plan import ModelInfo, Plan, classify, column_name, gate_classes
 from steelray.storage import S3Config
@@ -135,12 +135,29 @@ def runner(info: ModelInfo, settings: ActorSettings, cache: CompileCache | None)
 
 
 class EnsembleModel:
-    """An ensemble's members, each run as it would run alone; their probabilities averaged."""
+    """An ensemble's members, each run as it would run alone; their probabilities averaged. Where the
+    ensemble routes clipped images, those (more than ``route_above`` of their pixels black) go to its
+    route's model alone, and only those: the members never see them."""
 
     def __init__(self, info: ModelInfo, settings: ActorSettings, cache: CompileCache | None):
         self.members = [runner(m, settings, cache) for m in info.members]
+        self.route = runner(info.route, settings, cache) if info.route else None
+        self.above = info.route_above
 
     def probabilities(self, images: np.ndarray):
+        if self.route is None:
+            return self._average(images)
+        clipped = ensemble.black_share(images) > self.above
+        if not clipped.any():
+            return self._average(images)
+        if clipped.all():
+            return self.route.probabilities(images)
+        out = _numpy(self._average(images[~clipped]))
+        full = np.empty((len(images), *out.shape[1:]), out.dtype)
+        full[~clipped], full[clipped] = out, _numpy(self.route.probabilities(images[clipped]))
+        return full
+
+    def _average(self, images: np.ndarray):
         return sum(m.probabilities(images) for m in self.members) / len(self.members)
 
 

@@ -59,6 +59,8 @@ class ModelInfo:
     exported: bool = False          # an .onnx file of jobs/export.py (ONNX Runtime), not a checkpoint folder
     tta: str = "none"               # test-time augmentation (model_io.TTA_VIEWS), part of the version
     members: tuple[ModelInfo, ...] = ()  # an ensemble's: their probabilities are averaged
+    route: ModelInfo | None = None  # an ensemble's model for clipped images: more than route_above black
+    route_above: float = 1.0
 
     @property
     def segmenter(self) -> bool:
@@ -71,6 +73,7 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
     test-time augmentation (``tta``, other than none) does. An ensemble folder is one model whose
     version follows from its members' versions and its own decision settings."""
     members: tuple[ModelInfo, ...] = ()
+    route, route_above = None, 1.0
     try:
         if onnx_model.is_exported(uri):  # the file itself is the version's weights
             weights = onnx_model.read(uri, s3)
@@ -79,6 +82,9 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
             meta = ensemble.meta(uri, s3)
             members = tuple(describe(m, s3, (), tta) for m in meta["ensemble"])
             weights = "\n".join(sorted(m.digest for m in members)).encode()  # the set: order is no version
+            if "route" in meta:
+                route, route_above = describe(meta["route"][0], s3, (), tta), float(meta["route"][1])
+                weights += f"\nroute black>{route_above!r}: {route.digest}".encode()
         else:
             from steelray import checkpoint  # torch: imported where needed, so decode workers stay light
 
@@ -90,7 +96,8 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
     classes = ("defect",) if task == "binary" else tuple(meta["classes"])
     model = meta.get("model", {})
     name = f"{model.get('arch')}-{model.get('name')}" if task == "segmentation" and not members else str(model.get("name"))
-    if any(not m.preprocess.same_input(members[0].preprocess) or m.exported != members[0].exported for m in members):
+    if any(not m.preprocess.same_input(members[0].preprocess) or m.exported != members[0].exported
+           for m in members + ((route,) if route else ())):
         raise ScoreError(f"ensemble {uri}: its members take different inputs, or mix checkpoints and exported "
                          "models; rebuild it with jobs/ensemble.py")
     if "export" in meta:
@@ -113,7 +120,7 @@ def describe(uri: str, s3: S3Config | None = None, min_area: tuple[int, ...] = (
                      digest=hashlib.sha256(weights + decision).hexdigest()[:16],
                      data_format=meta.get("config", {}).get("data", {}).get("format", ""), min_area=min_area,
                      exported=members[0].exported if members else onnx_model.is_exported(uri), tta=tta,
-                     members=members)
+                     members=members, route=route, route_above=route_above)
 
 
 @dataclass(frozen=True)
