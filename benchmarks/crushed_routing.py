@@ -1,10 +1,11 @@
 """Would routing clipped sheets to an under-exposure specialist meet the crushed target? A screen on one
-fold, before any routing is built into evaluation or scoring: each validation image, clean and under
-each of evaluation's conditions (``steelray/conditions.py``, applied at full resolution as evaluation
-applies them), goes to the specialist when more than ``--gate`` of its pixels are black (0, clipped)
-and to the generalist otherwise (by default the gate is the largest black share of any of the fold's
-training images, clean or under a condition other than crushed: chosen without the validation
-images). Printed per condition: how many were routed, and accuracy, macro-F1 (argmax) and wrong
+fold, generalist and specialist of any input size (a routed ensemble, ``jobs/ensemble.py --route``,
+needs one input for both): each validation image, clean and under each of evaluation's conditions
+(``steelray/conditions.py``, applied at full resolution as evaluation applies them), goes to the
+specialist when more than ``--gate`` of its pixels at the specialist's input are black (0, clipped)
+and to the generalist otherwise (by default the gate is ``predict.route_gate`` of the specialist: the
+largest black share of any of the fold's training images, clean or under a condition other than
+crushed: chosen without the validation images). Printed per condition: how many were routed, and accuracy, macro-F1 (argmax) and wrong
 images of the generalist alone, the specialist alone and the routed pair, with each one's drop from
 its own clean macro-F1.
 
@@ -29,11 +30,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from crushed_ceiling import figures as scores  # noqa: E402  (this folder is on sys.path: run as a script)
-from steelray import checkpoint, conditions, config, data, images, model_io  # noqa: E402
+from steelray import checkpoint, conditions, config, data, images, model_io, predict  # noqa: E402
 
 
 class Views(Dataset):
-    """Each image (perturbed as evaluation perturbs it) at both models' input sizes, with its black share."""
+    """Each image (perturbed as evaluation perturbs it) at both models' input sizes, with the black share
+    of the last one's (the specialist's)."""
 
     def __init__(self, uris: list[str], pres: list[model_io.Preprocess], perturb: str | None):
         self.uris, self.pres, self.perturb = uris, pres, perturb
@@ -45,7 +47,8 @@ class Views(Dataset):
         image = images.load_image(self.uris[i], self.pres[0].in_chans)
         if self.perturb is not None:
             image = conditions.perturb_image(image, self.perturb, seed=i)
-        return [model_io.to_chw(model_io.resize(image, p.size)) for p in self.pres], float((image == 0).mean())
+        views = [model_io.resize(image, p.size) for p in self.pres]
+        return [model_io.to_chw(v) for v in views], float((views[-1] == 0).mean())
 
 
 @torch.no_grad()
@@ -56,11 +59,6 @@ def predictions(models: list, pres: list, uris: list[str], perturb: str | None) 
             preds[k].append(model(model_io.model_input(x, pre)).argmax(1).numpy())
         black.append(share.numpy())
     return [np.concatenate(p) for p in preds], np.concatenate(black)
-
-
-def black_shares(uris: list[str], pre: model_io.Preprocess, perturb: str | None) -> float:
-    """The largest black share of ``uris`` under ``perturb``."""
-    return max(float(share.max()) for _, share in DataLoader(Views(uris, [pre], perturb), batch_size=64))
 
 
 def main() -> None:
@@ -75,7 +73,7 @@ def main() -> None:
                    help="share of black pixels above which an image goes to the specialist (default: from the training images)")
     args = p.parse_args()
     cfg = config.load(args.config, [f"data.root={args.data}", f"data.folds={args.folds}", f"data.fold={args.fold}"])
-    train_m, val_m = data.split(data.build_manifest(cfg), cfg.data)
+    _, val_m = data.split(data.build_manifest(cfg), cfg.data)
     loaded = [checkpoint.load_model(c) for c in (args.generalist, args.specialist)]
     for _, meta in loaded:
         if meta["classes"] != list(val_m.classes):
@@ -85,7 +83,7 @@ def main() -> None:
     uris, truth = list(val_m.records.uri), val_m.targets("multiclass")
     gate = args.gate
     if gate is None:
-        gate = max(black_shares(list(train_m.records.uri), pres[0], c) for c in (None, *conditions.CONDITIONS) if c != "crushed")
+        gate = predict.route_gate(args.specialist)
     rows = {}
     for name in ("clean", *conditions.CONDITIONS):
         (general, special), black = predictions(models, pres, uris, None if name == "clean" else name)

@@ -12,6 +12,8 @@ images, under the robustness conditions, once per TTA mode (evaluation.json; a f
 evaluated). `--ensemble-with <sweep>[,<sweep>]` (sweeps of the same folds: this config again with another
 train.seed and tune.name) evaluates instead each fold's ensemble of every sweep's fold model on that
 fold's images: the cross-validated figure of an ensemble recipe (<sweep>/ensemble-<digest>/).
+`--route-with <sweep>` (a model for clipped sheets over the same folds, e.g. input.augment=dark) makes
+each fold's ensemble route the images with a clipped share above the fold's training images' to it.
 The last line printed is the target metric of the kept (last-epoch) models: mean and spread over the
 folds (each fold's best epoch, chosen on the images it is measured on, is in the table only).
 """
@@ -48,10 +50,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ensemble-with", default="", metavar="SWEEP[,SWEEP]",
                         help="with --evaluate: judge each fold by the ensemble of this sweep's fold model and "
                              "these sweeps' (same folds, e.g. another train.seed)")
+    parser.add_argument("--route-with", default="", metavar="SWEEP",
+                        help="with --evaluate: each fold's ensemble routes clipped images to this sweep's fold model "
+                             "(same folds, e.g. input.augment=dark), at the black share of the fold's training images")
     args = parser.parse_args(argv)
     others = [s.strip() for s in args.ensemble_with.split(",") if s.strip()]
-    if others and not args.evaluate:
-        parser.error("--ensemble-with needs --evaluate (the TTA modes to evaluate the ensembles with)")
+    if (others or args.route_with) and not args.evaluate:
+        parser.error("--ensemble-with and --route-with need --evaluate (the TTA modes to evaluate the ensembles with)")
     try:
         cfg = cli.load(args, config.Config)
         from steelray import crossval, train, tune
@@ -85,11 +90,13 @@ def main(argv=None) -> int:
         from steelray import ensemble
 
         try:
-            evaluated = crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3, others)
+            evaluated = crossval.evaluate_folds(result["sweep"], args.evaluate, cfg.s3, others, args.route_with)
         except ensemble.EnsembleError as e:
             print(f"crossval: {e}", file=sys.stderr)
             return cli.BAD_ARGUMENTS
-        what = f"ensembles of {len(others) + 1} sweeps' fold models" if others else "fold models"
+        what = f"ensembles of {len(others) + 1} sweeps' fold models" if others or args.route_with else "fold models"
+        if args.route_with:
+            what += f", clipped images to {args.route_with}'s (shares {evaluated['route_above']})"
         print(f"evaluation: {evaluated['written_to']}")
         for mode, ev in evaluated["tta"].items():
             print(f"{what} on their own validation images, tta {mode}: " + ", ".join(

@@ -68,8 +68,9 @@ class InputConfig:
 
     size: list[int] = setting([224, 224])   # [height, width] the model sees (resize)
     crop: list[int] = setting([])           # [height, width] random crops at full resolution for training
-    augment: Literal["none", "light", "medium", "strong", "robust"] = "light"  # robust: medium plus
-                                   # +-30% brightness/contrast, blur, noise, under-exposure (the field)
+    augment: Literal["none", "light", "medium", "strong", "robust", "dark"] = "light"  # robust: medium plus
+                                   # +-30% brightness/contrast, blur, noise, under-exposure (the field);
+                                   # dark: every image under-exposed, then medium (a route for clipped sheets)
     normalize: Literal["dataset", "image", "center", "equalize"] = "dataset"  # dataset: fixed mean/std (the model's own);
                                    # image: each image to zero mean, unit std (robust to lighting);
                                    # center: each image less its own mean, over the fixed std
@@ -78,7 +79,7 @@ class InputConfig:
     turns: bool = True                      # medium/strong/robust turn square images by 90 degrees; false
                                    # keeps the rolling direction (then score.tta flips, not dihedral)
     underexposure: float = setting(0.4, min=0.0, max=1.0)        # robust: share of images under-exposed
-    underexposure_depth: float = setting(0.4, min=0.3, max=0.9)  # robust: darkest exposure, of full scale
+    underexposure_depth: float = setting(0.4, min=0.3, max=0.9)  # robust, dark: darkest exposure, of full scale
 
 
 @dataclass

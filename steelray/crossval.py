@@ -82,7 +82,7 @@ def fold_row(sweep_uri: str, trial: dict, cfg: Config, metric: str) -> dict:
 
 
 def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = None,
-                   ensemble_with: Sequence[str] = ()) -> dict:
+                   ensemble_with: Sequence[str] = (), route_with: str = "") -> dict:
     """Each fold model (``ensemble.fold_models``) evaluated on its fold's validation images, robustness
     passes included, once per TTA mode in ``tta``: per fold the accuracy and macro-F1 (at the model's
     own decision), the wrong images and each condition's drop; their aggregate; and the out-of-fold
@@ -93,17 +93,23 @@ def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = 
     ``train.seed``), fold k is judged as the ensemble of every sweep's fold-k model: none of them
     trained on fold k, so this is an ensemble recipe's cross-validated figure. The ensembles are
     written to ``<sweep>/ensemble-<digest of the sweeps>/fold-<k>``, the figures to ``evaluation.json``
-    there."""
+    there. With ``route_with`` (a sweep of a model for clipped images over the same folds, e.g. the
+    ``dark`` preset), fold k's ensemble routes clipped images to that sweep's fold-k model, at the
+    share ``predict.route_gate`` finds in fold k's training images."""
     from steelray import ensemble
 
     s3 = s3 or config.S3Config()
     models = ensemble.fold_models(sweep_uri, s3)
     out, result = sweep_uri, {"sweep": sweep_uri, "folds": len(models), "tta": {}}
-    if ensemble_with:
+    if ensemble_with or route_with:
         sweeps = [sweep_uri, *ensemble_with]
-        out = storage.join(sweep_uri, "ensemble-" + hashlib.sha256("\n".join(sweeps).encode()).hexdigest()[:8])
-        models = fold_ensembles(sweeps, out, s3)
+        key = "\n".join(sweeps + ([f"route {route_with}"] if route_with else []))
+        out = storage.join(sweep_uri, "ensemble-" + hashlib.sha256(key.encode()).hexdigest()[:8])
+        models = fold_ensembles(sweeps, out, s3, route_with)
         result.update(sweeps=sweeps, members=len(sweeps))
+        if route_with:
+            result.update(route_sweep=route_with,
+                          route_above=[ensemble.read(m, s3)["route"]["black_share_above"] for m in models])
     for mode in tta:
         rows = [_fold_figures(fold, checkpoint, mode, s3) for fold, checkpoint in enumerate(models)]
         folds = pd.DataFrame([{k: v for k, v in r.items() if k != "wrong_images"} for r in rows])
@@ -118,11 +124,13 @@ def evaluate_folds(sweep_uri: str, tta: list[str], s3: config.S3Config | None = 
     return result
 
 
-def fold_ensembles(sweeps: list[str], out: str, s3: config.S3Config) -> list[str]:
-    """Fold k's ensemble of every sweep's fold-k model, in ``<out>/fold-<k>``; refused unless the
-    sweeps have as many folds and each fold's members were split from the same data the same way."""
+def fold_ensembles(sweeps: list[str], out: str, s3: config.S3Config, route_sweep: str = "") -> list[str]:
+    """Fold k's ensemble of every sweep's fold-k model, in ``<out>/fold-<k>``, routing clipped images
+    to ``route_sweep``'s fold-k model where given; refused unless the sweeps have as many folds and
+    each fold's models were split from the same data the same way."""
     from steelray import ensemble, predict
 
+    sweeps = [*sweeps, *([route_sweep] if route_sweep else [])]
     per_sweep = [ensemble.fold_models(s, s3) for s in sweeps]
     if len({len(m) for m in per_sweep}) > 1:
         raise ensemble.EnsembleError("sweeps with different numbers of folds: " + ", ".join(
@@ -138,7 +146,11 @@ def fold_ensembles(sweeps: list[str], out: str, s3: config.S3Config) -> list[str
                     + ", ".join(f"data.{k} {d.get(k)!r} against {split[0].get(k)!r}" for k in differ))
     folders = [storage.join(out, f"fold-{fold}") for fold in range(len(per_fold))]
     for folder, members in zip(folders, per_fold):
-        ensemble.write(folder, list(members), s3)
+        if route_sweep:
+            *members, routed = members
+            ensemble.write(folder, members, s3, (routed, predict.route_gate(routed, s3)))
+        else:
+            ensemble.write(folder, list(members), s3)
     return folders
 
 

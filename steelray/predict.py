@@ -64,6 +64,22 @@ def _probabilities(model, meta: dict, x, tta: str):
                              x.to(next(model.parameters()).device), tta, 2, segmenter)
 
 
+def route_gate(uri: str, s3=None, batch_size: int = 64) -> float:
+    """A route's share for ensembles with the model at ``uri``: the largest black share (at its
+    input, as the ensemble measures it) of the images it was trained on, clean or under each
+    condition of ``conditions`` but crushed. No image of the evaluated split takes part."""
+    from steelray import evaluate  # evaluate imports this module
+
+    meta = read_meta(uri, s3)
+    cfg = evaluate.labelled_set_config(meta, config.EvaluateJob(s3=s3 or config.S3Config()))
+    train_m, _ = data.split(data.build_manifest(cfg, cfg.s3), cfg.data)
+    pre, uris, most = model_io.Preprocess.from_dict(meta["preprocess"]), list(train_m.records.uri), 0.0
+    for condition in (None, *(c for c in conditions.CONDITIONS if c != "crushed")):
+        for x, *_ in DataLoader(EvalImages(uris, pre, condition, s3), batch_size=batch_size):
+            most = max(most, float(ensemble.black_share(x.numpy()).max()))
+    return most
+
+
 def device_of(job: config.EvaluateJob) -> str:
     if job.evaluate.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

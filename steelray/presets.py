@@ -15,7 +15,7 @@ import albumentations as A  # noqa: E402
 
 from steelray.model_io import Preprocess  # noqa: E402
 
-PRESETS = ("none", "light", "medium", "strong", "robust")
+PRESETS = ("none", "light", "medium", "strong", "robust", "dark")
 UNDEREXPOSURE = (0.4, 0.4)  # the robust preset's under-exposure unless the config says: (share, depth)
 
 
@@ -26,7 +26,8 @@ def build(pre: Preprocess, augment: str = "none", turns: bool = True, seed: int 
     ``turns``: 90-degree turns of square images (medium and up); off, a sheet keeps its orientation.
     ``seed``: the pipeline's random stream (``reseed``; albumentations ignores the global seeds);
     None draws a fresh one, so two runs augment differently.
-    ``dark``: the ``robust`` preset's under-exposure, (share of images, depth): ``underexposure``."""
+    ``dark``: the ``robust`` preset's under-exposure, (share of images, depth): ``underexposure``;
+    the ``dark`` preset under-exposes every image to that depth, then draws ``medium``."""
     if augment not in PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(PRESETS)}")
     steps: list = []
@@ -60,6 +61,8 @@ def underexposure(p: float, depth: float = 0.4) -> A.OneOf:
 def _augmentations(preset: str, turn: bool, dark: tuple[float, float]) -> list:
     if preset == "none":
         return []
+    if preset == "dark":  # a model for clipped sheets (an ensemble's route): every image under-exposed
+        return [underexposure(1.0, dark[1]), *_augmentations("medium", turn, dark)]
     out = [A.HorizontalFlip()]
     if preset in ("medium", "strong", "robust"):
         robust = preset == "robust"  # medium, plus the field's lighting range (+-30%), blur, sensor noise

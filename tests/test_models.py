@@ -338,3 +338,17 @@ def test_underexposure_share_and_depth_reach_the_robust_preset():
                                  dark=(cfg.input.underexposure, cfg.input.underexposure_depth))
     made = presets.build(pre, "robust", seed=0, dark=(1.0, 0.9))
     assert str(ds.transform) == str(made) != str(presets.build(pre, "robust", seed=0))
+
+
+def test_the_dark_preset_under_exposes_every_image_then_draws_medium():
+    pre = model_io.Preprocess((32, 32), None, 1, (0.5,), (0.25,))
+    image = np.random.default_rng(0).integers(100, 161, (32, 32, 1), dtype=np.uint8)  # mid grey
+    dark = presets.build(pre, "dark", seed=0, dark=(0.0, 0.45))  # the share is the robust preset's: not used
+    medium = presets.build(pre, "medium", seed=0)
+    means = {name: np.mean([float(p(image=image)["image"].mean()) for _ in range(200)])
+             for name, p in (("dark", dark), ("medium", medium))}
+    assert means["dark"] < means["medium"] - 30, means  # under-exposed whatever medium draws after
+    names = [type(t).__name__ for t in dark.transforms]
+    assert names[0] == "OneOf" and names[1:] == [type(t).__name__ for t in presets.build(pre, "medium").transforms]
+    assert dark.transforms[0].transforms[0].brightness_limit == (-0.45, -0.15)
+    assert config.load(None, ["input.augment=dark"]).input.augment == "dark"

@@ -276,6 +276,18 @@ def test_crossval_trains_every_fold_and_gives_each_folds_figures_and_their_sprea
         assert ensemble.read(row["checkpoint"])["members"] == [single["checkpoint"]] * 2
         assert (row["images"], row["wrong"]) == (single["images"], single["wrong"])
         assert row["macro_f1"] == pytest.approx(single["macro_f1"], abs=1e-6)
+    # a routed recipe: clipped images to the route sweep's fold model (itself here: the same figures),
+    # at the black share of that fold's training images
+    from steelray import predict
+
+    routed = crossval.evaluate_folds(str(tmp_path / "cv"), ["none"], route_with=str(tmp_path / "cv"))
+    assert routed["route_sweep"] == str(tmp_path / "cv") and routed["written_to"] != twice["written_to"]
+    for row, single, share in zip(routed["tta"]["none"]["per_fold"], evaluated["tta"]["none"]["per_fold"],
+                                  routed["route_above"]):
+        spec = ensemble.read(row["checkpoint"])
+        assert spec["members"] == [single["checkpoint"]] and spec["route"]["model"] == single["checkpoint"]
+        assert share == spec["route"]["black_share_above"] == predict.route_gate(single["checkpoint"])
+        assert (row["wrong"], row["macro_f1"]) == (single["wrong"], pytest.approx(single["macro_f1"], abs=1e-6))
 
 
 def _fake_sweep(folder: Path, datas: list[dict]) -> str:
@@ -302,6 +314,8 @@ def test_crossval_ensembles_only_sweeps_of_the_same_folds(tmp_path):
     with pytest.raises(ensemble.EnsembleError, match=r"fold 1: .*reseeded/fold1/epoch-0002 \(sweep .*reseeded\) was "
                                                      r"not trained on the same split as .*: data.seed 1 against 0"):
         crossval.evaluate_folds(a, ["none"], ensemble_with=[reseeded])
+    with pytest.raises(ensemble.EnsembleError, match=r"fold 1: .*reseeded/fold1/epoch-0002 \(sweep .*reseeded\) was "):
+        crossval.evaluate_folds(a, ["none"], route_with=reseeded)  # a route's models too
     assert not list(tmp_path.glob("a/ensemble-*/fold-*/ensemble.json"))  # refused before any ensemble is written
 
 
