@@ -83,17 +83,18 @@ def meta(uri: str, s3: S3Config | None = None) -> dict:
     members = member_uris(uri, spec)
     route = route_of(uri, spec)
     metas = [member_meta(m, s3) for m in members]
+    routed = [member_meta(route[0], s3)] if route else []
     first = metas[0]
     names = [m["model"]["name"] for m in metas]
     name = f"ensemble of {len(members)} ({', '.join(sorted(set(names)))})"
     if route:
-        name += f", clipped > {route[1]:g} to {member_meta(route[0], s3)['model']['name']}"
+        name += f", clipped > {route[1]:g} to {routed[0]['model']['name']}"
     model = {**first["model"], "name": name}
     out = {**first, "model": model, "thresholds": spec["thresholds"], "ensemble": members, "epoch": None, "metrics": {}}
     if route:
         out["route"] = list(route)
     if "config" in first:  # turned only if every member's training turned its images (model_io.trained_turned)
-        turned = all(model_io.trained_turned(m) for m in metas + ([member_meta(route[0], s3)] if route else []))
+        turned = all(model_io.trained_turned(m) for m in metas + routed)
         out["config"] = {**first["config"], "input": {**first["config"].get("input", {}), "turns": turned}}
     out.pop("export", None)
     out.pop("min_area", None)  # the ensemble's own, once calibrated on its averaged masks
